@@ -1,0 +1,202 @@
+"""Fast CPU/CUDA variants of the hot ops; registers backends "cpu", "cuda", "cpu-merged", "cuda-merged", "export".
+
+Each op here has its oracle in :mod:`kernels.reference` (or :mod:`kernels.moe` for the MoE FFN) and a test in
+tests/test_kernels.py / tests/test_moe_kernels.py that compares the two; benchmarks/kernels.py measures them.
+
+LoRA-MoE linear (Awaker). Per request and linear the released model reduces to one rank-2r LoRA
+([A_k; A_g], [s_k B_k, s_g B_g]) on top of the frozen W. ``lora_moe_prepare`` gathers it once per request
+(prefill) with the gate scales folded into B and B stored transposed ([B, 2r, out], the layout that makes the
+decode GEMV stream memory contiguously: measured 1.21x vs 1.34x of the base linear with B^T as a view), so every
+step is the base linear plus two batched GEMMs, with no Python loop over requests/experts and no host sync.
+Memory: the gathered copy costs 2r * (in + out) elements per request and linear (the same as the two experts it
+selects); at 7B width that is ~77 MB per layer and request in bf16.
+
+Merged strategy: ``merge_lora_plan`` folds a request's rank-2r LoRA into a private copy of W, after which a step
+costs exactly the base linear. ``should_merge`` is the cost model that says when this pays; the "*-merged"
+backends merge lazily at the first apply of a plan (once per request and linear) and reuse the merged weight.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from kernels import moe, reference
+from kernels.dispatch import Kernels, _BACKENDS, register_backend
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA-MoE linear
+# ---------------------------------------------------------------------------------------------------------------
+
+class StackedLoraPlan(NamedTuple):
+    """One request's selected experts for one linear, stacked into a single rank-R LoRA (R = 2r, or r for X = 1).
+
+    lora_A [B, R, in]; lora_Bt [B, R, out] = ([s_k B_k, s_g B_g])^T with the gate scales folded in.
+    ``merged`` is a one-slot cache for the merged strategy (list holding [B, out, in] once merged), None = never merge.
+    """
+
+    lora_A: torch.Tensor
+    lora_Bt: torch.Tensor
+    merged: list | None = None
+
+
+def lora_moe_prepare(lora_A, lora_B, expert, scales):
+    """Gather each request's task + global expert once: lora_A [X, r, in], lora_B [X, out, r], expert [B] long,
+    scales [B, 2] (task, global) -> StackedLoraPlan. Runs on the device of the weights, no host sync."""
+    x_experts, r, _ = lora_A.shape
+    batch = expert.shape[0]
+    scales = scales.to(lora_B.dtype)
+    if x_experts == 1:
+        # Plain LoRA: one expert, the "global" half would duplicate it (the reference adds it once).
+        A = lora_A.expand(batch, -1, -1)  # a view, no copy
+        Bt = lora_B[0].t().unsqueeze(0) * scales[:, 0, None, None]  # [B, r, out]
+        return StackedLoraPlan(A, Bt)
+    g = x_experts - 1
+    # If a request's task expert *is* the global one, the reference counts it once: zero the second half.
+    s_task = scales[:, 0]
+    s_glob = torch.where(expert == g, torch.zeros_like(scales[:, 1]), scales[:, 1])
+    idx = torch.stack([expert, torch.full_like(expert, g)], dim=1)  # [B, 2]
+    A = lora_A[idx].reshape(batch, 2 * r, -1)  # [B, 2r, in]
+    Bsel = lora_B[idx]  # [B, 2, out, r]
+    Bsel = Bsel * torch.stack([s_task, s_glob], dim=1)[:, :, None, None]
+    Bt = Bsel.permute(0, 1, 3, 2).reshape(batch, 2 * r, -1).contiguous()  # [B, 2r, out]
+    return StackedLoraPlan(A, Bt)
+
+
+def lora_moe_prepare_merged(lora_A, lora_B, expert, scales):
+    """As :func:`lora_moe_prepare`, flagged so that the first apply merges into a private W (see should_merge)."""
+    return lora_moe_prepare(lora_A, lora_B, expert, scales)._replace(merged=[])
+
+
+def _apply_stacked(x, weight, bias, plan: StackedLoraPlan):
+    # x [B, T, in] -> [B, T, out]: base linear + (x A^T) Bt, accumulated into the base output.
+    A, Bt = plan.lora_A, plan.lora_Bt
+    if x.shape[0] == 1:
+        # Batch 1: plain 2-D GEMMs on views (fewer dispatch layers than bmm, same math).
+        x2 = x[0]
+        y = F.linear(x2, weight, bias)
+        return torch.addmm(y, F.linear(x2, A[0]), Bt[0]).unsqueeze(0)
+    y = F.linear(x, weight, bias)
+    h = torch.bmm(x, A.transpose(1, 2))  # [B, T, R]
+    return torch.baddbmm(y, h, Bt)
+
+
+def merge_lora_plan(weight, plan: StackedLoraPlan) -> torch.Tensor:
+    """Private merged weight per request: W + (s B) A -> [B, out, in] (B = requests). Costs 2*out*in*R FLOPs and
+    out*in elements of memory per request; computed in fp32 and rounded once to W's dtype."""
+    delta = torch.bmm(plan.lora_Bt.transpose(1, 2).float(), plan.lora_A.float())  # [B, out, in]
+    return (delta + weight.float()).to(weight.dtype)
+
+
+def lora_moe_linear(x, weight, bias, plan):
+    """x [B, T, in], weight [out, in], bias [out] | None, plan from this module's prepare (or None) -> [B, T, out]."""
+    if plan is None:
+        return F.linear(x, weight, bias)
+    if isinstance(plan, reference.LoraPlan):  # a plan made by another backend's prepare: convert (once per call)
+        plan = lora_moe_prepare(*plan)
+    if plan.merged is not None:
+        if not plan.merged:
+            plan.merged.append(merge_lora_plan(weight, plan))
+        W = plan.merged[0]  # [B, out, in]
+        if x.shape[0] == 1:
+            return F.linear(x, W[0], bias)
+        y = torch.bmm(x, W.transpose(1, 2))
+        return y + bias if bias is not None else y
+    return _apply_stacked(x, weight, bias, plan)
+
+
+# Throughput figures the cost model uses when the caller has none (order of magnitude for a 2-core CPU, fp32;
+# benchmarks/kernels.py measures the real ones and reports the measured break-even).
+DEFAULT_READ_BW = 20e9  # bytes/s a GEMV actually streams
+DEFAULT_FLOPS = 100e9  # GEMM FLOP/s
+
+
+def merge_break_even_tokens(batch, d_in, d_out, rank, *, dtype_bytes=4, read_bw=DEFAULT_READ_BW,
+                            flops=DEFAULT_FLOPS) -> float:
+    """Decode steps after which merging has paid for itself (inf if it never does).
+
+    Decode is memory bound, so a step costs the bytes it reads. Unmerged: W once + each request's rank-R LoRA
+    (R = 2*rank), i.e. (out*in + batch*R*(in+out)) elements. Merged: each request's private W, batch*out*in.
+    The merge itself is a GEMM (2*out*in*R FLOPs per request) plus reading W and writing the copy.
+    """
+    R = 2 * rank
+    unmerged = (d_out * d_in + batch * R * (d_in + d_out)) * dtype_bytes / read_bw
+    merged = batch * d_out * d_in * dtype_bytes / read_bw
+    saving = unmerged - merged
+    if saving <= 0:
+        return float("inf")
+    merge_cost = batch * (2 * d_out * d_in * R / flops + 3 * d_out * d_in * dtype_bytes / read_bw)
+    return merge_cost / saving
+
+
+def should_merge(expected_tokens, batch, d_in, d_out, rank, bytes_free, *, dtype_bytes=4,
+                 read_bw=DEFAULT_READ_BW, flops=DEFAULT_FLOPS, memory_headroom=0.5) -> bool:
+    """True when merging the selected LoRA into private weights is expected to be faster overall.
+
+    Merge if (a) the private weights (batch*out*in*dtype_bytes) fit in ``memory_headroom`` of ``bytes_free`` and
+    (b) the request will generate more tokens than the break-even (:func:`merge_break_even_tokens`). With batch > 1
+    the merged step reads batch copies of W, so (b) essentially never holds: merging is a batch-1 strategy.
+    """
+    if batch * d_out * d_in * dtype_bytes > memory_headroom * bytes_free:
+        return False
+    return expected_tokens > merge_break_even_tokens(batch, d_in, d_out, rank, dtype_bytes=dtype_bytes,
+                                                     read_bw=read_bw, flops=flops)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Other hot ops
+# ---------------------------------------------------------------------------------------------------------------
+
+def rms_norm(x, weight, eps):
+    # Same rounding as the reference (normalise in fp32, cast, then scale), one fused ATen op for the fp32 part.
+    y = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+    return weight * y.to(x.dtype)
+
+
+def swiglu(gate, up):
+    return F.silu(gate).mul_(up)
+
+
+def attention(q, k, v, keep_mask, scale):
+    """SDPA with grouped KV heads, no repeat_interleave copy. q [B, Hq, T, D]; k, v [B, Hkv, S, D];
+    keep_mask [B, 1, T, S] True = may attend. Fully masked rows give zeros (as the reference)."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep_mask, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    # SDPA's math path yields zeros for fully masked rows on current torch; make it explicit and cheap.
+    any_kept = keep_mask.any(-1, keepdim=True)  # [B, 1, T, 1]
+    return out.masked_fill(~any_kept, 0)
+
+
+def patch_embed(patches, weight):
+    """Conv3d with kernel == stride is a matmul: [N, C*t*p*p] @ weight.view(E, -1)^T."""
+    e = weight.shape[0]
+    return F.linear(patches.to(weight.dtype), weight.reshape(e, -1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------------------------
+
+def _fast(name: str, merged: bool = False) -> Kernels:
+    return dataclasses.replace(
+        _BACKENDS["reference"],
+        name=name,
+        rms_norm=rms_norm,
+        swiglu=swiglu,
+        attention=attention,
+        patch_embed=patch_embed,
+        lora_moe_prepare=lora_moe_prepare_merged if merged else lora_moe_prepare,
+        lora_moe_linear=lora_moe_linear,
+        moe_ffn=moe.moe_ffn_dropless,
+    )
+
+
+for _name in ("cpu", "cuda"):
+    register_backend(_fast(_name))
+    register_backend(_fast(f"{_name}-merged", merged=True))
+
+# Export: reference ops (they trace to plain ONNX ops) and the dense, static-shape MoE.
+register_backend(dataclasses.replace(_BACKENDS["reference"], name="export", moe_ffn=moe.moe_ffn_dense))

@@ -1,0 +1,145 @@
+"""The fast CPU/CUDA kernels equal their references (kernels/reference.py) over shapes and dtypes.
+
+Tolerances: fp32 1e-5 relative to the output scale; bf16 3e-2, fp16 5e-3 (the fast LoRA path keeps the expert
+branch in the input dtype where the reference accumulates it in fp32; x A^T is rounded once to the dtype).
+"""
+import pytest
+import torch
+
+from kernels import get_kernels, reference
+from kernels import fast
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def close(actual, expected, dtype):
+    scale = expected.float().abs().max().clamp(min=1.0)
+    err = (actual.float() - expected.float()).abs().max() / scale
+    assert err <= TOL[dtype], f"max error {err:.3g} (relative to {scale:.3g}) > {TOL[dtype]} for {dtype}"
+
+
+def lora_case(batch, t, d_in, d_out, rank, experts, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, t, d_in, generator=g).to(dtype)
+    W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(dtype)
+    bias = torch.randn(d_out, generator=g).to(dtype)
+    A = (torch.randn(experts, rank, d_in, generator=g) / d_in**0.5).to(dtype)
+    B = (torch.randn(experts, d_out, rank, generator=g) / rank**0.5).to(dtype)
+    # different task expert per request (never the global one, which is last)
+    expert = torch.tensor([(3 * b + 1) % max(experts - 1, 1) for b in range(batch)])
+    p = torch.rand(batch, generator=g) * 0.5 + 0.5
+    scales = torch.stack([p * p * 2.0, (1 - p) * 2.0], dim=1)
+    return x, W, bias, A, B, expert, scales
+
+
+GRID = [
+    # batch, T, in, out, rank, experts (4 task + 1 global, or plain LoRA = 1)
+    (1, 1, 37, 53, 256, 5),
+    (3, 1, 37, 53, 3, 5),
+    (3, 7, 37, 53, 5, 5),
+    (1, 9, 64, 48, 8, 5),
+    (4, 2, 16, 24, 7, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,t,d_in,d_out,rank,experts", GRID)
+def test_lora_moe_linear_matches_reference(batch, t, d_in, d_out, rank, experts, dtype):
+    x, W, bias, A, B, expert, scales = lora_case(batch, t, d_in, d_out, rank, experts, dtype)
+    ref = reference.lora_moe_linear(x, W, bias, reference.lora_moe_prepare(A, B, expert, scales))
+    ops = get_kernels("cpu")
+    out = ops.lora_moe_linear(x, W, bias, ops.lora_moe_prepare(A, B, expert, scales))
+    assert out.shape == ref.shape and out.dtype == dtype
+    close(out, ref, dtype)
+
+
+def test_lora_moe_plan_is_reused_across_steps_without_changing():
+    x, W, bias, A, B, expert, scales = lora_case(2, 1, 37, 53, 4, 5, torch.float32)
+    ops = get_kernels("cpu")
+    plan = ops.lora_moe_prepare(A, B, expert, scales)
+    first = ops.lora_moe_linear(x, W, bias, plan)
+    second = ops.lora_moe_linear(x, W, bias, plan)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_lora_moe_linear_without_plan_is_the_base_linear():
+    x, W, bias, *_ = lora_case(2, 3, 37, 53, 4, 5, torch.float32)
+    torch.testing.assert_close(get_kernels("cpu").lora_moe_linear(x, W, bias, None), x @ W.t() + bias)
+
+
+def test_global_expert_chosen_as_task_expert_counts_once():
+    x, W, bias, A, B, _, scales = lora_case(2, 3, 16, 24, 4, 5, torch.float32)
+    expert = torch.tensor([4, 1])
+    ref = reference.lora_moe_linear(x, W, bias, reference.lora_moe_prepare(A, B, expert, scales))
+    out = fast.lora_moe_linear(x, W, bias, fast.lora_moe_prepare(A, B, expert, scales))
+    close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("batch,t", [(1, 1), (1, 5), (3, 1), (3, 4)])
+def test_merged_strategy_equals_unmerged(batch, t):
+    x, W, bias, A, B, expert, scales = lora_case(batch, t, 37, 53, 6, 5, torch.float32)
+    unmerged = get_kernels("cpu")
+    merged = get_kernels("cpu-merged")
+    plan = merged.lora_moe_prepare(A, B, expert, scales)
+    want = unmerged.lora_moe_linear(x, W, bias, unmerged.lora_moe_prepare(A, B, expert, scales))
+    close(merged.lora_moe_linear(x, W, bias, plan), want, torch.float32)
+    assert len(plan.merged) == 1 and plan.merged[0].shape == (batch, 53, 37)
+    close(merged.lora_moe_linear(x, W, bias, plan), want, torch.float32)  # second step reuses the merged W
+
+
+def test_should_merge_at_the_extremes():
+    gib = 2**30
+    # one long request, plenty of memory: merge
+    assert fast.should_merge(10**6, 1, 3584, 18944, 256, 64 * gib)
+    # a single token never repays a 70 GFLOP merge
+    assert not fast.should_merge(1, 1, 3584, 18944, 256, 64 * gib)
+    # no memory for the private copy
+    assert not fast.should_merge(10**6, 1, 3584, 18944, 256, 100 * 2**20)
+    # a batch reads one private W per request each step: never pays
+    assert not fast.should_merge(10**6, 8, 3584, 18944, 256, 10**6 * gib)
+    assert fast.merge_break_even_tokens(8, 3584, 18944, 256) == float("inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t,s,hq,hkv", [(1, 9, 4, 2), (5, 5, 4, 4), (6, 11, 6, 2)])
+def test_attention_matches_reference_with_gqa_and_fully_masked_rows(t, s, hq, hkv, dtype):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, hq, t, 16, generator=g).to(dtype)
+    k = torch.randn(2, hkv, s, 16, generator=g).to(dtype)
+    v = torch.randn(2, hkv, s, 16, generator=g).to(dtype)
+    keep = torch.rand(2, 1, t, s, generator=g) > 0.3
+    keep[..., 0] = True
+    keep[1, 0, 0] = False  # a padding query that sees nothing -> zeros
+    ref = reference.attention(q, k, v, keep, 0.25)
+    out = get_kernels("cpu").attention(q, k, v, keep, 0.25)
+    assert torch.isfinite(out.float()).all()
+    assert (out[1, :, 0] == 0).all()
+    close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_matches_reference(dtype):
+    x = torch.randn(3, 5, 53).to(dtype) * 3
+    w = (torch.rand(53) + 0.5).to(dtype)
+    close(get_kernels("cpu").rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_embed_as_matmul_matches_conv3d(dtype):
+    weight = torch.randn(24, 3, 2, 4, 4).to(dtype)
+    patches = torch.randn(7, 3 * 2 * 4 * 4)
+    close(get_kernels("cpu").patch_embed(patches, weight), reference.patch_embed(patches, weight), dtype)
+
+
+def test_swiglu_matches_reference():
+    gate, up = torch.randn(4, 37), torch.randn(4, 37)
+    close(get_kernels("cpu").swiglu(gate, up), reference.swiglu(gate, up), torch.float32)
+
+
+def test_backends_are_registered():
+    ops = get_kernels("cpu")
+    assert ops.name == "cpu" and ops.lora_moe_linear is fast.lora_moe_linear
+    assert get_kernels("cuda").attention is fast.attention
+    assert get_kernels("export").lora_moe_linear is reference.lora_moe_linear
+    for name in ("reference", "cpu", "cuda", "cpu-merged", "export"):
+        assert get_kernels(name).moe_ffn is not None
