@@ -1,0 +1,94 @@
+"""One dispatch point for every hot op.
+
+A backend is a :class:`Kernels` record of callables. ``reference`` is the plain PyTorch oracle; other backends
+(``cpu``, ``cuda``, ``npu``, ``npu-emulated``, ``export``) replace the ops they have something better for and
+inherit the rest from the reference.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from kernels import moe, reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    name: str
+    rms_norm: Callable          # (x, weight, eps) -> y
+    layer_norm: Callable        # (x, weight, bias, eps) -> y
+    apply_rotary: Callable      # (q, k, cos, sin) -> (q, k); q/k [B, H, T, D], cos/sin [B, T, D]
+    mrope_cos_sin: Callable     # (positions [3, B, T], inv_freq [D/2], mrope_section, dtype) -> cos, sin [B, T, D]
+    swiglu: Callable            # (gate, up) -> silu(gate) * up
+    attention: Callable         # (q [B,Hq,T,D], k, v [B,Hkv,S,D], keep_mask [B,1,T,S] bool, scale) -> [B,Hq,T,D]
+    patch_embed: Callable       # (patches [N, C*t*p*p], weight [E, C, t, p, p]) -> [N, E]
+    lora_moe_prepare: Callable  # (lora_A [X,r,i], lora_B [X,o,r], expert [B], scales [B,2]) -> plan
+    lora_moe_linear: Callable   # (x [B,T,i], weight [o,i], bias|None, plan|None) -> [B,T,o]
+    moe_ffn: Callable | None = None  # token-level top-k MoE (MoE-LLaVA); see kernels.moe
+
+
+_BACKENDS: dict[str, Kernels] = {}
+
+
+def register_backend(kernels: Kernels) -> None:
+    _BACKENDS[kernels.name] = kernels
+
+
+def _reference() -> Kernels:
+    return Kernels(
+        name="reference",
+        rms_norm=reference.rms_norm,
+        layer_norm=reference.layer_norm,
+        apply_rotary=reference.apply_rotary,
+        mrope_cos_sin=reference.mrope_cos_sin,
+        swiglu=reference.swiglu,
+        attention=reference.attention,
+        patch_embed=reference.patch_embed,
+        lora_moe_prepare=reference.lora_moe_prepare,
+        lora_moe_linear=reference.lora_moe_linear,
+        moe_ffn=moe.moe_ffn_reference,
+    )
+
+
+register_backend(_reference())
+
+
+def available_backends() -> list[str]:
+    _load_optional_backends()
+    return sorted(_BACKENDS)
+
+
+def _load_optional_backends() -> None:
+    # Backends live in their own modules and register themselves on import.
+    import importlib
+
+    for mod in ("kernels.fast", "kernels.npu"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def get_kernels(backend: str) -> Kernels:
+    """Kernel set for a Device's ``kernel_backend`` ("reference", "cpu", "cuda", "npu", "npu-emulated", "export")."""
+    _load_optional_backends()
+    if backend not in _BACKENDS:
+        # A backend without its own set yet runs the reference ops.
+        if backend in ("cpu", "cuda", "export"):
+            return dataclasses.replace(_BACKENDS["reference"], name=backend)
+        raise ValueError(f"unknown kernel backend {backend!r}; known: {sorted(_BACKENDS)}")
+    return _BACKENDS[backend]
+
+
+class KernelRef:
+    """A shared, swappable handle: modules keep one and call ``self.ops.rms_norm(...)``.
+
+    ``model.set_kernels(k)`` swaps the set for every module at once.
+    """
+
+    def __init__(self, kernels: Kernels | None = None):
+        self.kernels = kernels or _BACKENDS["reference"]
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["kernels"], name)

@@ -1,0 +1,236 @@
+"""Awaker2.5-VL: Qwen2-VL (vision tower + merger + M-RoPE text decoder) with LoRA-MoE adapters.
+
+Written for deployment: static KV cache, no data-dependent Python control flow inside ``forward``, hot ops
+through ``kernels``. Everything data-dependent (M-RoPE positions, vision position ids and block-diagonal
+mask, the routers' prompt span) is computed in ``model.inputs`` before the network runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import KernelRef
+from model.config import AwakerConfig
+from model.layers import AdaptedLinear, KVCache, LayerNorm, RMSNorm, Router
+
+
+# ----------------------------------------------------------------------------------------------- vision
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: AwakerConfig, ops: KernelRef):
+        super().__init__()
+        v = cfg.vision
+        dim, hidden = v.embed_dim, int(v.embed_dim * v.mlp_ratio)
+        self.num_heads = v.num_heads
+        self.norm1 = LayerNorm(dim, 1e-6, ops)
+        self.norm2 = LayerNorm(dim, 1e-6, ops)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(dim, 3 * dim)
+        self.attn.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(dim, hidden)
+        self.mlp.fc2 = nn.Linear(hidden, dim)
+        self.act = v.hidden_act
+        self.ops = ops
+
+    def forward(self, x, cos, sin, keep):
+        # x [N, dim]; cos/sin [N, head_dim]; keep [N, N] block-diagonal (one block per image frame)
+        n, dim = x.shape
+        hd = dim // self.num_heads
+        qkv = self.attn.qkv(self.norm1(x)).view(n, 3, self.num_heads, hd).permute(1, 2, 0, 3)  # [3, H, N, hd]
+        q, k, v = qkv[0].unsqueeze(0), qkv[1].unsqueeze(0), qkv[2].unsqueeze(0)
+        # the vision rotary is applied in fp32, as in the original
+        qf, kf = self.ops.apply_rotary(q.float(), k.float(), cos.unsqueeze(0), sin.unsqueeze(0))
+        o = self.ops.attention(qf.to(x.dtype), kf.to(x.dtype), v, keep[None, None], hd ** -0.5)
+        x = x + self.attn.proj(o[0].transpose(0, 1).reshape(n, dim))
+        h = self.mlp.fc1(self.norm2(x))
+        h = h * torch.sigmoid(1.702 * h) if self.act == "quick_gelu" else F.gelu(h)
+        return x + self.mlp.fc2(h)
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: AwakerConfig, ops: KernelRef):
+        super().__init__()
+        v = cfg.vision
+        self.cfg = v
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Module()
+        # kept in Conv3d's shape so checkpoints load as-is; computed as a matmul by the fast kernels
+        self.patch_embed.proj.weight = nn.Parameter(
+            torch.empty(v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size))
+        self.blocks = nn.ModuleList(VisionBlock(cfg, ops) for _ in range(v.depth))
+        merged = v.embed_dim * v.spatial_merge_size ** 2
+        self.merger = nn.Module()
+        self.merger.ln_q = LayerNorm(v.embed_dim, 1e-6, ops)
+        self.merger.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, cfg.hidden_size))
+        self.register_buffer("inv_freq", self.rope_inv_freq(), persistent=False)
+        self.ops = ops
+
+    def rope_inv_freq(self):
+        hd = self.cfg.embed_dim // self.cfg.num_heads
+        return 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd // 2, 2, dtype=torch.float) / (hd // 2)))
+
+    def forward(self, patches, pos_hw, keep):
+        """patches [N, C*t*p*p]; pos_hw [N, 2] (row, col of each patch); keep [N, N] -> features [N/4, hidden]."""
+        x = self.ops.patch_embed(patches, self.patch_embed.proj.weight)
+        freqs = pos_hw[..., None].float() * self.inv_freq  # [N, 2, hd/4]
+        freqs = freqs.flatten(1)                             # [N, hd/2]: h angles then w angles
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        for blk in self.blocks:
+            x = blk(x, cos, sin, keep)
+        merged = self.merger.ln_q(x).view(-1, self.merger.mlp[0].in_features)
+        return self.merger.mlp(merged)
+
+
+# ----------------------------------------------------------------------------------------------- text
+@dataclasses.dataclass
+class LayerRouting:
+    """The routing decisions of one decoder layer for every request, and the prepared expert plans."""
+
+    attn_expert: torch.Tensor  # [B] long
+    attn_p: torch.Tensor       # [B] fp32
+    mlp_expert: torch.Tensor
+    mlp_p: torch.Tensor
+    plans: dict                # linear name -> opaque plan from kernels
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: AwakerConfig, ops: KernelRef):
+        super().__init__()
+        a = cfg.adapters
+        h, hd = cfg.hidden_size, cfg.head_dim
+        x = a.num_experts + 1 if a.num_experts else 0  # task experts + global expert
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, ops)
+        self.self_attn = nn.Module()
+        # q/k/v LoRA is merged into these weights when a checkpoint is loaded
+        self.self_attn.q_proj = nn.Linear(h, cfg.num_heads * hd, bias=True)
+        self.self_attn.k_proj = nn.Linear(h, cfg.num_kv_heads * hd, bias=True)
+        self.self_attn.v_proj = nn.Linear(h, cfg.num_kv_heads * hd, bias=True)
+        self.self_attn.o_proj = AdaptedLinear(cfg.num_heads * hd, h, False, x, a.rank, ops)
+        self.mlp = nn.Module()
+        self.mlp.gate_proj = AdaptedLinear(h, cfg.intermediate_size, False, x, a.rank, ops)
+        self.mlp.up_proj = AdaptedLinear(h, cfg.intermediate_size, False, x, a.rank, ops)
+        self.mlp.down_proj = AdaptedLinear(cfg.intermediate_size, h, False, x, a.rank, ops)
+        if a.num_experts:
+            self.self_attn.o_proj.router = Router(h, a.num_experts, a.router_eps)
+            self.mlp.gate_proj.router = Router(h, a.num_experts, a.router_eps)
+        self.scaling = a.scaling
+        self.ops = ops
+
+    def route(self, e: torch.Tensor) -> LayerRouting:
+        """Instance-level routing from the pooled prompt embedding e [B, hidden]."""
+        o, g = self.self_attn.o_proj, self.mlp.gate_proj
+        ea, pa, _ = o.router(e)
+        em, pm, _ = g.router(e)
+        return LayerRouting(ea, pa.float(), em, pm.float(), self.prepare_plans(ea, pa, em, pm))
+
+    def prepare_plans(self, ea, pa, em, pm) -> dict:
+        s = self.scaling
+        # y = Wx + p^2 s B_k A_k x + (1 - p) s B_g A_g x  (p squared, as released; 1 - p in fp16 as the original)
+        def scales(p):
+            return torch.stack([p.float() ** 2 * s, (1 - p.half()).float() * s], dim=-1)
+
+        sa, sm = scales(pa), scales(pm)
+        return {
+            "o_proj": self.self_attn.o_proj.prepare(ea, sa),
+            "gate_proj": self.mlp.gate_proj.prepare(em, sm),
+            "up_proj": self.mlp.up_proj.prepare(em, sm),
+            "down_proj": self.mlp.down_proj.prepare(em, sm),
+        }
+
+    def forward(self, x, cos, sin, cache: KVCache, cache_pos, keep, plans: dict | None):
+        plans = plans or {}
+        b, t, _ = x.shape
+        h = self.input_layernorm(x)
+        at = self.self_attn
+        q = at.q_proj(h).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = at.k_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = at.v_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.ops.apply_rotary(q, k, cos, sin)
+        k_all, v_all = cache.update(cache_pos, k, v)
+        o = self.ops.attention(q, k_all, v_all, keep, self.head_dim ** -0.5)  # [B, H, T, hd]
+        x = x + at.o_proj(o.transpose(1, 2).reshape(b, t, -1), plans.get("o_proj"))
+        h = self.post_attention_layernorm(x)
+        m = self.mlp
+        act = self.ops.swiglu(m.gate_proj(h, plans.get("gate_proj")), m.up_proj(h, plans.get("up_proj")))
+        return x + m.down_proj(act, plans.get("down_proj"))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: AwakerConfig, ops: KernelRef):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+
+
+class AwakerModel(nn.Module):
+    """The whole network. ``forward`` runs the decoder on prepared embeddings with a static KV cache."""
+
+    def __init__(self, cfg: AwakerConfig, kernels=None):
+        super().__init__()
+        self.cfg = cfg
+        self.ops = KernelRef(kernels)
+        self.visual = VisionTower(cfg, self.ops)
+        self.model = TextModel(cfg, self.ops)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", self.rope_inv_freq(), persistent=False)
+        self.caches: nn.ModuleList | None = None
+
+    # -- set-up
+    def rope_inv_freq(self):
+        hd = self.cfg.head_dim
+        return 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
+
+    def init_buffers(self, device=None) -> None:
+        """Recompute the non-persistent buffers (after building on the meta device)."""
+        device = device or self.lm_head.weight.device
+        self.inv_freq = self.rope_inv_freq().to(device)
+        self.visual.inv_freq = self.visual.rope_inv_freq().to(device)
+
+    def set_kernels(self, kernels) -> None:
+        self.ops.kernels = kernels
+
+    @property
+    def has_adapters(self) -> bool:
+        return self.cfg.adapters.num_experts > 0
+
+    def setup_caches(self, batch: int, max_len: int) -> None:
+        p = self.lm_head.weight
+        self.caches = nn.ModuleList(
+            KVCache(batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, p.dtype, p.device)
+            for _ in self.model.layers)
+
+    # -- pieces of one request
+    def encode_images(self, patches, pos_hw, keep):
+        return self.visual(patches.to(self.lm_head.weight.dtype), pos_hw, keep)
+
+    def embed(self, input_ids, image_features=None, image_mask=None):
+        """Token embeddings with the image features written into the image-pad positions."""
+        emb = self.model.embed_tokens(input_ids)
+        if image_features is not None:
+            emb = emb.masked_scatter(image_mask[..., None], image_features.to(emb.dtype))
+        return emb
+
+    def route(self, pooled: torch.Tensor) -> list[LayerRouting]:
+        """Per-request routing of every layer from the pooled prompt embeddings [B, hidden]."""
+        if not self.has_adapters:
+            return [None] * len(self.model.layers)
+        return [layer.route(pooled) for layer in self.model.layers]
+
+    def forward(self, inputs_embeds, positions, cache_pos, keep, routing=None):
+        """inputs_embeds [B, T, H]; positions [3, B, T]; cache_pos [T]; keep [B, 1, T, S] -> hidden [B, T, H]."""
+        cos, sin = self.ops.mrope_cos_sin(positions, self.inv_freq, self.cfg.mrope_section, inputs_embeds.dtype)
+        x = inputs_embeds
+        routing = routing or [None] * len(self.model.layers)
+        for layer, cache, r in zip(self.model.layers, self.caches, routing):
+            x = layer(x, cos, sin, cache, cache_pos, keep, r.plans if r is not None else None)
+        return self.model.norm(x)
+
+    def logits(self, hidden):
+        return self.lm_head(hidden).float()
