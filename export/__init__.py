@@ -1,0 +1,2 @@
+"""Export to ONNX / Ascend OM and the runtimes that drive exported graphs."""
+import ascend  # noqa: F401

@@ -1,0 +1,25 @@
+"""``moevl bench <name> [args...]``: runs ``python -m benchmarks.<name>`` in-process."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {"kernels": "benchmarks.kernels", "e2e": "benchmarks.e2e", "ort": "benchmarks.ort"}
+
+
+def run_bench(args) -> int:
+    try:
+        mod = importlib.import_module(BENCHMARKS[args.name])
+    except ModuleNotFoundError as e:
+        if e.name == BENCHMARKS[args.name]:
+            raise NotImplementedError(f"benchmark {args.name!r} is not part of this build yet") from e
+        raise
+    return mod.main(args.rest)
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="run a benchmark (kernels | e2e | ort); extra args go to it")
+    p.add_argument("name", choices=sorted(BENCHMARKS))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (see --help of each)")
+    p.set_defaults(func=run_bench)
+    return p

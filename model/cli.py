@@ -1,0 +1,148 @@
+"""``moevl``: the command line, a thin layer over model.api, ascend, export and benchmarks."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_USAGE = 2
+
+
+def _add_model_args(p, default_model=None):
+    p.add_argument("--model", default=default_model, required=default_model is None,
+                   help="a preset (awaker-tiny) or a local checkpoint folder")
+    p.add_argument("--base", help="Awaker release only: the Qwen2-VL folder with config.json and tokenizer")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | npu[:N] | npu-emulated[:910B|:310P]")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the device's preferred dtype)")
+    p.add_argument("--routing", default="prefill", choices=["prefill", "legacy"],
+                   help="Awaker: route once at prefill (default) or per step as the original generate does")
+
+
+def _add_generation_args(p):
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
+    p.add_argument("--prompt", default="Describe the image.", help="the question")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-context", type=int, default=None, help="context length limit (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--no-stream", action="store_true", help="print the answer at the end, not as it comes")
+
+
+def run_generation(args) -> int:
+    from model.api import load
+
+    options = {"routing": args.routing, "base": args.base, "max_context": args.max_context}
+    for extra in ("moe_routing", "vision_tower"):
+        if getattr(args, extra, None) is not None:
+            options[extra] = getattr(args, extra)
+    vl = load(args.model, device=args.device, dtype=args.dtype, **options)
+    stream = None
+    if not args.json and not args.no_stream:
+        def stream(i, text):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    res = vl.ask(args.prompt, images=args.image, on_text=stream, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    dev = vl.device
+    routing = [d.to_dict() for d in vl.routing_decisions()]
+    if args.json:
+        print(json.dumps({
+            "text": res.texts[0], "token_ids": res.token_ids[0], "prompt_tokens": res.prompt_tokens[0],
+            "finish_reason": res.finish_reasons[0], "ttft_ms": round(res.ttft_ms, 3),
+            "decode_tokens_per_s": round(res.decode_tokens_per_s, 3), "device": dev.describe(),
+            "dtype": str(next(vl.model.parameters()).dtype).replace("torch.", ""), "model": str(args.model),
+            "family": vl.family, "routing": routing}))
+        return 0
+    if stream is None:
+        print(res.texts[0])
+    else:
+        print()
+    print(f"--\ndevice {dev.describe()['device']} ({dev.describe()['chip']}), dtype "
+          f"{str(next(vl.model.parameters()).dtype).replace('torch.', '')}; prompt {res.prompt_tokens[0]} tokens; "
+          f"time to first token {res.ttft_ms:.1f} ms; decode {res.decode_tokens_per_s:.1f} tokens/s; "
+          f"finish: {res.finish_reasons[0]}", file=sys.stderr)
+    if routing:
+        summary = ", ".join(f"L{d['layer']}.{d['router']}: e{d['expert'][0]} p={d['p'][0]:.3f}" for d in routing)
+        print(f"routing: {summary}", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args) -> int:
+    if getattr(args, "backend", "torch") not in (None, "torch"):
+        from export.runtime import run_exported  # noqa: PLC0415
+
+        return run_exported(args)
+    return run_generation(args)
+
+
+def cmd_demo(args) -> int:
+    from model.tiny import DEMO_IMAGE
+
+    args.model = "moellava-tiny" if args.family == "moe-llava" else "awaker-tiny"
+    args.image = args.image or [str(DEMO_IMAGE)]
+    if args.family == "awaker" and not args.json:
+        print("moevl demo: awaker-tiny has RANDOM weights (the full Awaker structure at toy size): the answer "
+              "is noise. Point `moevl run --model <folder>` at a real Awaker2.5-VL or Qwen2-VL checkpoint.",
+              file=sys.stderr)
+    return run_generation(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ascend.cli_commands import add_doctor_parser, add_info_parser
+
+    parser = argparse.ArgumentParser(prog="moevl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="answer a question about an image")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.add_argument("--backend", default="torch", choices=["torch", "ort", "om"],
+                   help="torch (default), ort (an exported ONNX folder), om (Ascend OM folder)")
+    p.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu | cuda | cann")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="ort: dynamic int8 decoder")
+    p.add_argument("--moe-routing", default=None, choices=["deterministic", "deepspeed"],
+                   help="MoE-LLaVA: deterministic top-2 (default) or the original's Gumbel second expert")
+    p.add_argument("--vision-tower", default=None, help="MoE-LLaVA: local CLIP/SigLIP folder")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="run the built-in tiny preset on the bundled image")
+    p.add_argument("--family", default="awaker", choices=["awaker", "moe-llava"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--routing", default="prefill", choices=["prefill", "legacy"])
+    p.add_argument("--base", default=None, help=argparse.SUPPRESS)
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_demo, max_new_tokens=16)
+
+    add_info_parser(sub)
+    add_doctor_parser(sub)
+    for mod, fn in (("benchmarks.cli", "add_bench_parser"), ("export.cli", "add_export_parser")):
+        try:
+            module = __import__(mod, fromlist=[fn])
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        getattr(module, fn)(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    from ascend.errors import DeviceError
+    from model.inputs import InputError
+    from model.loader import CheckpointError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (DeviceError, InputError, CheckpointError, FileExistsError, ValueError, NotImplementedError) as e:
+        print(f"moevl {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if not isinstance(e, NotImplementedError) else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
