@@ -137,5 +137,10 @@ def generate(session, batch, cfg: GenerationConfig, on_text: Callable[[int, str]
     dev.synchronize()
     decode_ms = (time.perf_counter() - decode_start) * 1000.0
     texts = [session.tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
+    if streamer:  # what was held back waiting for a complete character
+        for i, text in enumerate(texts):
+            if len(text) > len(streamer.printed[i]):
+                on_text(i, text[len(streamer.printed[i]):])
     lens = batch.attention_mask.sum(-1).tolist()
-    return GenerationResult(out, texts, ttft, decode_ms, steps * b if steps else 0, [int(x) for x in lens], reasons)
+    decoded = sum(max(len(ids) - 1, 0) for ids in out)  # tokens that came out of decode steps
+    return GenerationResult(out, texts, ttft, decode_ms, decoded, [int(x) for x in lens], reasons)

@@ -118,8 +118,8 @@ class AwakerSession:
 
     def ask(self, question: str | list[str], images=None, on_text=None, **gen) -> GenerationResult:
         questions = [question] if isinstance(question, str) else list(question)
-        if images is not None and questions and len(questions) == 1 and not isinstance(images[0], (list, tuple)):
-            images = [list(images)]
+        if images is not None and len(questions) == 1 and not (images and isinstance(images[0], (list, tuple))):
+            images = [list(images)]  # one question: a flat list of its images
         batch = self.prepare(questions, images)
         return generate(self, batch, GenerationConfig(**gen), on_text)
 

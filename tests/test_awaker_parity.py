@@ -187,3 +187,27 @@ def test_routing_differs_across_batch_and_is_reported(adapted, tmp_path):
     for d in dec:
         assert len(d.expert) == 2 and all(0 <= k < 4 for k in d.expert)
         assert all(0.25 <= p <= 1.0 for p in d.p)  # top-1 of 4 has p >= 1/4
+
+
+def test_legacy_routing_reroutes_decode_steps_from_plain_token_embeddings(adapted, tmp_path):
+    s, adapters = adapted
+    legacy = AwakerSession(s.model, s.processor, CPU, routing="legacy")
+    batch = legacy.prepare(["What is in the picture?"], [[non_square_image(tmp_path)]])
+    legacy.prefill(batch, batch.input_ids.shape[1] + 4)
+    decode_routing = legacy._state["routing"]
+    # the original's decode steps: embed_tokens(input_ids) with the plain <|image_pad|> embedding, no features
+    ids = batch.input_ids[0].tolist()
+    start, end = span_like_the_notes(ids, s.cfg)
+    plain = s.model.model.embed_tokens(batch.input_ids)[0, start:end].float().mean(0, keepdim=True)
+    prefill_routing = legacy.last_routing
+    changed = False
+    for i, (r_dec, r_pre) in enumerate(zip(decode_routing, prefill_routing)):
+        name = f"model.language_model.layers.{i}.self_attn.o_proj"
+        k, st, _ = route_like_the_notes(plain, adapters[name])
+        assert int(r_dec.attn_expert[0]) == int(k[0])
+        torch.testing.assert_close(r_dec.attn_p.float() ** 2 * SCALING, st)
+        changed |= bool((r_dec.attn_p != r_pre.attn_p).any())
+    assert changed, "image features should change the routing input"
+    # default mode keeps the prefill routing for the whole request
+    s.prefill(batch, batch.input_ids.shape[1] + 4)
+    assert s._state["routing"] is s.last_routing

@@ -1,0 +1,69 @@
+"""The ``moevl`` command line on the built-in preset."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from model.cli import main
+from model.tiny import DEMO_IMAGE
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_demo_json_has_the_promised_fields(capsys):
+    code, out, _ = run_cli(capsys, "demo", "--json", "--device", "cpu", "--max-new-tokens", "5")
+    assert code == 0
+    d = json.loads(out)
+    for key in ("text", "token_ids", "ttft_ms", "decode_tokens_per_s", "device", "dtype", "routing"):
+        assert key in d, key
+    assert 1 <= len(d["token_ids"]) <= 5 and d["device"]["kind"] == "cpu" and d["dtype"] == "float32"
+    assert len(d["routing"]) == 4 and {r["router"] for r in d["routing"]} == {"attn", "mlp"}
+
+
+def test_run_is_deterministic_and_greedy_matches_the_api(capsys):
+    from model.api import load
+
+    argv = ["run", "--model", "awaker-tiny", "--image", str(DEMO_IMAGE), "--prompt", "What is this?",
+            "--device", "cpu", "--max-new-tokens", "6", "--json"]
+    _, out1, _ = run_cli(capsys, *argv)
+    _, out2, _ = run_cli(capsys, *argv)
+    a, b = json.loads(out1), json.loads(out2)
+    assert a["token_ids"] == b["token_ids"]
+    api = load("awaker-tiny", device="cpu").ask("What is this?", images=[DEMO_IMAGE], max_new_tokens=6)
+    assert api.token_ids[0] == a["token_ids"]
+
+
+def test_streaming_text_output(capsys):
+    code, out, err = run_cli(capsys, "demo", "--device", "cpu", "--max-new-tokens", "4")
+    assert code == 0 and "RANDOM weights" in err and "time to first token" in err and "routing:" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--model", "awaker-tiny", "--image", "/nonexistent.png", "--device", "cpu"], "does not exist"),
+    (["run", "--model", "awaker-tiny", "--device", "tpu"], "unknown device"),
+    (["run", "--model", "/no/such/folder", "--device", "cpu"], "neither a preset"),
+    (["run", "--model", "awaker-tiny", "--device", "cpu", "--max-context", "20"], "context"),
+])
+def test_bad_input_gives_an_error_not_a_traceback(capsys, argv, message):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err.lower() and "Traceback" not in err
+
+
+def test_unreadable_image(capsys, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    code, _, err = run_cli(capsys, "run", "--model", "awaker-tiny", "--image", str(bad), "--device", "cpu")
+    assert code == 2 and "could not be read" in err
+
+
+def test_console_script_info_runs():
+    out = subprocess.run([sys.executable, "-m", "model.cli", "info", "--json"], capture_output=True, text=True,
+                         check=True)
+    assert json.loads(out.stdout)["torch"]
