@@ -41,6 +41,10 @@ def _reject_unknown_options(family, options):
 def _kernels_for(device):
     from kernels import get_kernels
 
+    if device.kernel_backend in ("npu", "npu-emulated"):  # the kernel set depends on the chip (910B / 310P)
+        from kernels.npu import kernels_for_device
+
+        return kernels_for_device(device)
     return get_kernels(device.kernel_backend)
 
 
@@ -66,12 +70,29 @@ def family_of(spec: str | Path) -> str:
     return "moe-llava" if fmt == "moe-llava" else "awaker"
 
 
-def load(spec: str | Path, device="auto", dtype=None, **options):
-    """Load a model onto a device -> a session with ``ask(...)`` / ``prepare`` / ``prefill`` / ``decode``."""
+def load(spec: str | Path, device="auto", dtype=None, strict_npu=None, compile=False, **options):
+    """Load a model onto a device -> a session with ``ask(...)`` / ``prepare`` / ``prefill`` / ``decode``.
+
+    NPU only: ``strict_npu`` makes an op falling back to the CPU an error (TORCH_NPU_FALLBACK_CPU_DISABLE on an
+    NPU; on npu-emulated, hot ops must be NPU variants and steps run under ascend.npu_emulation.NpuStrictGuard).
+    None = on for npu-emulated, off for npu. ``compile`` runs the decode step in TorchAir graph mode (NPU only,
+    not yet verified on hardware).
+    """
+    if strict_npu and isinstance(device, str) and device.strip().lower().startswith("npu"):
+        from ascend.npu_probe import strict_npu as set_strict
+
+        set_strict(True)  # before torch_npu is imported by resolve_device
     dev = device if hasattr(device, "torch_device") else resolve_device(device, dtype)
     family = family_of(spec)
     if family == "moe-llava" and family not in _FAMILIES:
         import model.moe_llava  # noqa: F401  registers itself
     if family not in _FAMILIES:
         raise NotImplementedError(f"the {family} family is not available in this build")
-    return _FAMILIES[family](spec, dev, dev.dtype if dtype else None, **options)
+    session = _FAMILIES[family](spec, dev, dev.dtype if dtype else None, **options)
+    if dev.kernel_backend in ("npu", "npu-emulated"):
+        from kernels.npu import prepare_session
+
+        prepare_session(session, dev, strict=dev.emulated if strict_npu is None else strict_npu, compile=compile)
+    elif compile or strict_npu:
+        raise ValueError(f"--compile and --strict-npu apply to NPU devices only, not {dev.kind}")
+    return session

@@ -16,6 +16,14 @@ def _add_model_args(p, default_model=None):
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the device's preferred dtype)")
     p.add_argument("--routing", default="prefill", choices=["prefill", "legacy"],
                    help="Awaker: route once at prefill (default) or per step as the original generate does")
+    _add_npu_args(p)
+
+
+def _add_npu_args(p):
+    p.add_argument("--strict-npu", action="store_true", default=None,
+                   help="NPU: an op falling back to the CPU is an error (default: on for npu-emulated)")
+    p.add_argument("--compile", action="store_true",
+                   help="NPU: TorchAir graph mode for the decode step (not yet verified on hardware)")
 
 
 def _add_generation_args(p):
@@ -34,7 +42,8 @@ def _add_generation_args(p):
 def run_generation(args) -> int:
     from model.api import load
 
-    options = {"routing": args.routing, "base": args.base, "max_context": args.max_context}
+    options = {"routing": args.routing, "base": args.base, "max_context": args.max_context,
+               "strict_npu": getattr(args, "strict_npu", None), "compile": getattr(args, "compile", False)}
     for extra in ("moe_routing", "vision_tower"):
         if getattr(args, extra, None) is not None:
             options[extra] = getattr(args, extra)
@@ -114,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     p.add_argument("--routing", default="prefill", choices=["prefill", "legacy"])
     p.add_argument("--base", default=None, help=argparse.SUPPRESS)
+    _add_npu_args(p)
     _add_generation_args(p)
     p.set_defaults(func=cmd_demo, max_new_tokens=16)
 
