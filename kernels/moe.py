@@ -145,16 +145,22 @@ def _grouped_mm_works(x, w) -> bool:
 _GROUPED_MM_OK: dict = {}
 
 
-def experts_dropless(x, experts: MoeExperts, info: RoutingInfo):
-    """Sort token-slots by expert; grouped GEMMs over the contiguous per-expert slices; weighted un-permute."""
+def experts_dropless(x, experts: MoeExperts, info: RoutingInfo, use_grouped_mm: bool | None = None):
+    """Sort token-slots by expert; grouped GEMMs over the contiguous per-expert slices; weighted un-permute.
+
+    use_grouped_mm: None = when supported for these shapes/dtype; False = loop over the slices (one host sync).
+    """
     n, k = info.expert_idx.shape
     flat = info.expert_idx.reshape(-1)  # [N*k]
     order = flat.argsort(stable=True)  # slot positions grouped by expert
     token = order // k  # token of each sorted slot
     expert_sorted = flat[order]
-    counts = torch.bincount(flat, minlength=experts.num_experts)
+    # (not torch.bincount: on CUDA it reads the max index back to the host)
+    counts = torch.zeros(experts.num_experts, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
     xs = x[token]  # [N*k, H]
-    if _grouped_mm_works(x, experts.w_in):
+    if use_grouped_mm is None:
+        use_grouped_mm = _grouped_mm_works(x, experts.w_in)
+    if use_grouped_mm:
         offs = counts.cumsum(0).to(torch.int32)
         h = _grouped_linear(xs, experts.w_in, offs, experts.b_in, expert_sorted)
         up = _grouped_linear(xs, experts.w_up, offs) if experts.w_up is not None else None
