@@ -140,6 +140,6 @@ def test_backends_are_registered():
     ops = get_kernels("cpu")
     assert ops.name == "cpu" and ops.lora_moe_linear is fast.lora_moe_linear
     assert get_kernels("cuda").attention is fast.attention
-    assert get_kernels("export").lora_moe_linear is reference.lora_moe_linear
+    assert get_kernels("export").lora_moe_linear is fast.lora_moe_linear_dense
     for name in ("reference", "cpu", "cuda", "cpu-merged", "export"):
         assert get_kernels(name).moe_ffn is not None
