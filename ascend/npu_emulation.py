@@ -492,6 +492,11 @@ class EmulatedTorchNpu:
 
 
 # --------------------------------------------------------------------------------------------------- strict mode
+# ATen ops that return a host value: _local_scalar_dense (.item()/.tolist() outside inference mode), item (inside
+# it), is_nonzero (bool(tensor)), equal (torch.equal).
+_HOST_SYNC_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal"}
+
+
 class NpuStrictGuard(torch.utils._python_dispatch.TorchDispatchMode):
     """What TORCH_NPU_FALLBACK_CPU_DISABLE and the NPU's limits would reject, checked on a CPU run.
 
@@ -507,11 +512,31 @@ class NpuStrictGuard(torch.utils._python_dispatch.TorchDispatchMode):
         super().__init__()
         self.host_sync_ok = host_sync_ok
 
+    def __enter__(self):
+        # Tensor.tolist() reads CPU memory without going through the dispatcher: watch it directly.
+        if not self.host_sync_ok:
+            self._tolist = torch.Tensor.tolist
+            original = self._tolist
+
+            def tolist(t):
+                if not in_emulated_kernel():
+                    raise NpuRuleError("host synchronisation (.tolist()) inside the decode step; the NPU would "
+                                       "stall here: keep the value on the device")
+                return original(t)
+
+            torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if not self.host_sync_ok:
+            torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not in_emulated_kernel():
             name = func.name()
-            if name.startswith("aten::_local_scalar_dense") and not self.host_sync_ok:
+            if name.split(".")[0] in _HOST_SYNC_OPS and not self.host_sync_ok:
                 raise NpuRuleError("host synchronisation (.item()/.tolist()/bool(tensor)) inside the decode step; "
                                    "the NPU would stall here: keep the value on the device")
             if name.startswith("aten::convolution") and args and args[0].dim() == 5:

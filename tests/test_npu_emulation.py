@@ -386,8 +386,10 @@ def test_npu_moe_ffn_has_no_host_sync_or_float64():
 
 def test_strict_guard_rejects_host_sync_float64_and_conv3d():
     t = torch.ones(2)
-    with pytest.raises(NpuRuleError, match="host synchronisation"), NpuStrictGuard():
-        t.sum().item()
+    for sync in (lambda: t.sum().item(), lambda: t.tolist(), lambda: bool(t.sum() > 0)):
+        with torch.inference_mode(), pytest.raises(NpuRuleError, match="host synchronisation"), NpuStrictGuard():
+            sync()
+    assert t.tolist() == [1.0, 1.0]  # the guard restores Tensor.tolist on exit
     with pytest.raises(NpuRuleError, match="float64"), NpuStrictGuard(host_sync_ok=True):
         t.double()
     with pytest.raises(NpuRuleError, match="Conv3d"), NpuStrictGuard(host_sync_ok=True):
