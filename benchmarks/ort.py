@@ -1,0 +1,191 @@
+"""PyTorch eager vs ONNX Runtime fp32 vs ONNX Runtime int8 (dynamic) on the CPU, end to end through the exported
+graphs: ``python -m benchmarks.ort [--configs tiny,7b-width] [--out DIR]`` (also ``moevl bench ort``).
+
+Configurations: awaker-tiny, and Awaker at Qwen2-VL-7B width with 2 decoder layers (model.config.awaker_7b_width;
+random weights, no tokenizer: token ids are fed directly as a text-only chat). Per configuration and runtime: time
+to first token (embedding + decoder prefill of a prompt) and decode ms/token, medians over repeats, plus greedy-token
+agreement of int8 against ORT fp32 and of ORT fp32 against PyTorch. Writes <out>/ort-<device>.json and .md.
+Memory at 7B width: the PyTorch model (~7 GB fp32) is freed before the ORT sessions are built.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+
+CONFIGS = ("tiny", "7b-width")
+
+
+def build_session(name: str):
+    from ascend.device import resolve_device
+    from kernels import get_kernels
+    from model.config import awaker_7b_width, awaker_tiny
+    from model.loader import build_model
+    from model.session import AwakerSession
+    from model.tiny import init_random_weights
+
+    cfg = awaker_tiny() if name == "tiny" else awaker_7b_width()
+    model = build_model(cfg).to_empty(device="cpu")
+    init_random_weights(model, 0)
+    model.init_buffers()
+    dev = resolve_device("cpu", "fp32")
+    model.set_kernels(get_kernels(dev.kernel_backend))
+    return AwakerSession(model, types.SimpleNamespace(tokenizer=None), dev)
+
+
+def prompt_batch(cfg, length: int):
+    from model.inputs import collate
+
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(10, min(cfg.vocab_size, 150000), (length,), generator=g).tolist()
+    ids = ([cfg.im_start_token_id, words[0], cfg.im_end_token_id, cfg.im_start_token_id] + words[1:length - 7]
+           + [cfg.im_end_token_id, cfg.im_start_token_id, words[-1]])
+    return collate([ids], [], [], cfg)
+
+
+def measure(session, batch, tokens: int, repeats: int) -> dict:
+    """Greedy generation timed per call: TTFT = prefill + the first argmax; decode = each decode call."""
+    ttft, step, out = [], [], None
+    for _ in range(repeats + 1):  # the first run warms up
+        t0 = time.perf_counter()
+        logits = session.prefill(batch, batch.input_ids.shape[1] + tokens)
+        tok = logits.argmax(-1)
+        first = (time.perf_counter() - t0) * 1000
+        seq, times = [int(tok[0])], []
+        for _ in range(tokens - 1):
+            t0 = time.perf_counter()
+            logits = session.decode(tok)
+            tok = logits.argmax(-1)
+            times.append((time.perf_counter() - t0) * 1000)
+            seq.append(int(tok[0]))
+        if out is None:
+            out = seq
+            continue
+        ttft.append(first)
+        step.extend(times)
+    return {"ttft_ms": statistics.median(ttft), "decode_ms_per_token": statistics.median(step), "tokens": out}
+
+
+def agreement(ref: list[int], got: list[int]) -> dict:
+    first = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+    same = sum(a == b for a, b in zip(ref, got))
+    return {"identical": ref == got, "positions_equal": f"{same}/{len(ref)}",
+            "first_divergence": first}
+
+
+def run_config(name: str, prompt_len: int, tokens: int, repeats: int, threads: int | None, log) -> dict:
+    from export.onnx_export import export_onnx
+    from export.runtime import OrtAwakerSession
+
+    torch.manual_seed(0)
+    session = build_session(name)
+    cfg = session.model.cfg
+    batch = prompt_batch(cfg, prompt_len)
+    log(f"[{name}] PyTorch eager ({torch.get_num_threads()} threads), prompt {prompt_len}, {tokens} tokens")
+    res = {"config": name, "hidden": cfg.hidden_size, "layers": cfg.num_layers, "vocab": cfg.vocab_size,
+           "experts": cfg.adapters.num_experts, "rank": cfg.adapters.rank, "prompt_tokens": prompt_len,
+           "new_tokens": tokens, "repeats": repeats}
+    res["load_average_before"] = [round(x, 2) for x in os.getloadavg()]  # other jobs on the machine skew timings
+    res["torch"] = measure(session, batch, tokens, repeats)
+    with tempfile.TemporaryDirectory(prefix="moevl-bench-ort-") as tmp:
+        t0 = time.perf_counter()
+        folder = export_onnx(None, Path(tmp) / name, session=session, validate=False, log=lambda *a: None)
+        res["export_s"] = round(time.perf_counter() - t0, 1)
+        del session
+        gc.collect()
+        log(f"[{name}] exported in {res['export_s']} s; ONNX Runtime fp32")
+        ort = OrtAwakerSession(folder, threads=threads)
+        res["ort_fp32"] = measure(ort, batch, tokens, repeats)
+        del ort
+        gc.collect()
+        t0 = time.perf_counter()
+        ort8 = OrtAwakerSession(folder, quantize="int8", threads=threads)
+        res["quantize_s"] = round(time.perf_counter() - t0, 1)
+        log(f"[{name}] int8 decoder in {res['quantize_s']} s; ONNX Runtime int8")
+        res["ort_int8"] = measure(ort8, batch, tokens, repeats)
+        del ort8
+        gc.collect()
+    res["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    res["ort_fp32_vs_torch"] = agreement(res["torch"]["tokens"], res["ort_fp32"]["tokens"])
+    res["int8_vs_fp32"] = agreement(res["ort_fp32"]["tokens"], res["ort_int8"]["tokens"])
+    t = res["torch"]["decode_ms_per_token"]
+    res["decode_speedup_vs_torch"] = {"ort_fp32": round(t / res["ort_fp32"]["decode_ms_per_token"], 3),
+                                      "ort_int8": round(t / res["ort_int8"]["decode_ms_per_token"], 3)}
+    return res
+
+
+def render(results: list[dict], meta: dict) -> str:
+    lines = [f"# PyTorch eager vs ONNX Runtime (fp32, dynamic int8) on {meta['cpu']}", "",
+             f"Command: `{meta['command']}`  ", f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, "
+             f"{meta['threads']} threads, batch 1, greedy, medians over {results[0]['repeats']} repeats.", "",
+             "| config | runtime | TTFT ms | decode ms/token | decode speed-up vs PyTorch | tokens vs reference |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        name = f"{r['config']} (h {r['hidden']}, {r['layers']} layers, prompt {r['prompt_tokens']})"
+        for key, label, agree in (("torch", "PyTorch eager fp32", "-"),
+                                  ("ort_fp32", "ORT fp32", _agree(r["ort_fp32_vs_torch"], "PyTorch")),
+                                  ("ort_int8", "ORT int8 (dynamic)", _agree(r["int8_vs_fp32"], "ORT fp32"))):
+            sp = "1.00x" if key == "torch" else f"{r['decode_speedup_vs_torch'][key]:.2f}x"
+            lines.append(f"| {name} | {label} | {r[key]['ttft_ms']:.2f} | {r[key]['decode_ms_per_token']:.2f} | "
+                         f"{sp} | {agree} |")
+    loads = ", ".join(f"{r['config']} {r['load_average_before'][0]} -> {r['load_average_after'][0]}" for r in results)
+    lines += ["", f"1-minute load average before -> after each configuration: {loads} (the machine has "
+              f"{os.cpu_count()} cores and is shared with other jobs: a load above that means contended timings).",
+              "Runtimes are measured one after the other (the 7B-width PyTorch model is freed before ORT loads), so "
+              "contention can hit them unevenly.", "", "Targets (issue 5): ORT fp32 decode >= PyTorch (speed-up >= 1.00x); int8 decode >= 1.8x PyTorch fp32."]
+    return "\n".join(lines) + "\n"
+
+
+def _agree(a: dict, ref: str) -> str:
+    return f"{a['positions_equal']} equal to {ref}" + ("" if a["identical"] else
+                                                      f", first divergence at {a['first_divergence']}")
+
+
+def main(argv=None) -> int:
+    import onnxruntime
+
+    from ascend.device import cpu_model_name
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ort", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {CONFIGS}")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default: 32 tiny, 128 7b-width)")
+    p.add_argument("--tokens", type=int, default=16, help="greedy tokens per run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    configs = [c for c in args.configs.split(",") if c]
+    bad = set(configs) - set(CONFIGS)
+    if bad:
+        p.error(f"unknown config(s) {sorted(bad)}; choose from {CONFIGS}")
+
+    def log(m):
+        print(m, file=sys.stderr, flush=True)
+
+    results = [run_config(c, args.prompt_len or (32 if c == "tiny" else 128), args.tokens, args.repeats,
+                          args.threads, log) for c in configs]
+    meta = {"cpu": cpu_model_name(), "machine": platform.machine(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "threads": args.threads or torch.get_num_threads(),
+            "command": "python -m benchmarks.ort " + " ".join(argv if argv is not None else sys.argv[1:])}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ort-cpu.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    md = render(results, meta)
+    (out / "ort-cpu.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
