@@ -5,6 +5,26 @@ import json
 import sys
 
 
+def _clean_errors(fn):
+    """Our own errors become one message and exit 1 (model.cli handles ValueError/FileExistsError itself)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(args):
+        from export.om import GearError
+        from export.onnx_export import ExportError
+        from export.runtime import ProviderError
+        from export.validate import ValidationError
+
+        try:
+            return fn(args)
+        except (ExportError, ValidationError, ProviderError, GearError, FileNotFoundError) as e:
+            print(f"moevl export {args.export_command}: error: {e}", file=sys.stderr)
+            return 1
+    return wrapped
+
+
+@_clean_errors
 def cmd_onnx(args) -> int:
     from export.onnx_export import export_onnx
 
@@ -15,6 +35,7 @@ def cmd_onnx(args) -> int:
     return 0
 
 
+@_clean_errors
 def cmd_check(args) -> int:
     from export.check import check_onnx_dir
 
@@ -23,6 +44,7 @@ def cmd_check(args) -> int:
     return 0 if report.ok else 1
 
 
+@_clean_errors
 def cmd_om(args) -> int:
     from export.om import build_om, parse_gears
 

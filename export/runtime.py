@@ -293,7 +293,21 @@ def _device_id(spec: str) -> int:
 
 def run_exported(args) -> int:
     """``moevl run --backend ort|om --model <folder>``: the same output as the PyTorch path (model.cli)."""
-    vl = _open_session(args)
+    from export.om import GearError
+
+    try:
+        vl = _open_session(args)
+    except (ProviderError, FileNotFoundError) as e:
+        print(f"moevl run --backend {args.backend}: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        return _generate_and_print(vl, args)
+    except GearError as e:
+        print(f"moevl run --backend {args.backend}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _generate_and_print(vl, args) -> int:
     stream = None
     if not args.json and not args.no_stream:
         def stream(i, text):

@@ -243,3 +243,14 @@ def test_om_loop_over_gear_shaped_sessions_matches_ort(onnx_dir, ort_session, tm
     assert greedy_tokens(om, text, 6) == greedy_tokens(ort_session, text, 6)
     with pytest.raises(GearError, match="largest gear"):
         om.ask("Describe the image. " * 20, max_new_tokens=2)
+
+
+def test_cli_reports_missing_cann_and_ais_bench_as_errors_not_tracebacks(onnx_dir, tmp_path, capsys):
+    from model.cli import main
+
+    assert main(["run", "--backend", "ort", "--provider", "cann", "--model", str(onnx_dir)]) == 1
+    assert "CANNExecutionProvider" in capsys.readouterr().err
+    om_dir = build_om(onnx_dir, tmp_path / "om", soc="Ascend910B2", gears=GEARS, **QUIET)
+    assert main(["run", "--backend", "om", "--model", str(om_dir)]) == 1
+    assert "ais_bench" in capsys.readouterr().err
+    assert main(["export", "check", str(tmp_path / "nothing-here")]) == 1
