@@ -7,10 +7,12 @@ What the original computes (DeepSpeed 0.9.5 top-2 gating at eval, capacity = tok
 
 Variants of the expert part (all take the same routing):
 - ``reference``: loop over experts with index masks (the oracle).
-- ``dropless``: sort the N*k token-slots by expert and run one grouped GEMM over the contiguous slices
-  (``torch._grouped_mm``; CPU has a fallback kernel). No [tokens, experts, capacity] tensors, no host sync.
-  Where _grouped_mm is unavailable (old torch, CUDA < sm90 with fp32, sizes whose rows are not 16-byte aligned)
-  it falls back to a loop over the slices, which needs one ``counts.tolist()`` host sync per layer.
+- ``dropless``: sort the N*k token-slots by expert and run each expert's GEMMs on its contiguous slice. No
+  [tokens, experts, capacity] tensors. On CUDA one grouped GEMM (``torch._grouped_mm``) covers all slices, so
+  there is no host sync; where it is unavailable (CUDA < sm90 / fp32, rows not 16-byte aligned) and on CPU the
+  slices are a loop, which reads the per-expert counts back once per layer (``counts.tolist()``; free on CPU,
+  where everything is synchronous). On CPU _grouped_mm's fallback kernel was never faster than the loop at
+  Phi-2 size (equal to 1.6x slower; benchmarks/results/kernels-cpu.md), so CPU keeps the loop.
 - ``dense``: every expert on every token as batched MatMul, combined with a [N, E] weight mask (zero for
   unselected experts): static shapes, exports to ONNX without Einsum (see shared/notes/onnx.md). E/k times the
   FLOPs, so only for export / tiny batches.
@@ -148,7 +150,7 @@ _GROUPED_MM_OK: dict = {}
 def experts_dropless(x, experts: MoeExperts, info: RoutingInfo, use_grouped_mm: bool | None = None):
     """Sort token-slots by expert; grouped GEMMs over the contiguous per-expert slices; weighted un-permute.
 
-    use_grouped_mm: None = when supported for these shapes/dtype; False = loop over the slices (one host sync).
+    use_grouped_mm: None = on CUDA when supported for these shapes/dtype; False = loop over the slices.
     """
     n, k = info.expert_idx.shape
     flat = info.expert_idx.reshape(-1)  # [N*k]
@@ -159,7 +161,7 @@ def experts_dropless(x, experts: MoeExperts, info: RoutingInfo, use_grouped_mm: 
     counts = torch.zeros(experts.num_experts, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
     xs = x[token]  # [N*k, H]
     if use_grouped_mm is None:
-        use_grouped_mm = _grouped_mm_works(x, experts.w_in)
+        use_grouped_mm = x.device.type != "cpu" and _grouped_mm_works(x, experts.w_in)
     if use_grouped_mm:
         offs = counts.cumsum(0).to(torch.int32)
         h = _grouped_linear(xs, experts.w_in, offs, experts.b_in, expert_sorted)
