@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from model.config import PRESETS, AdapterConfig, AwakerConfig, ConfigError
+from model.config import PRESETS, AdapterConfig, AwakerConfig
 
 OUR_CONFIG = "moevl_config.json"
 OUR_WEIGHTS = "model.safetensors"

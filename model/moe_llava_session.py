@@ -9,10 +9,9 @@ import dataclasses
 
 import torch
 
-from model.generate import GenerationConfig, GenerationResult, generate
 from model.moe_llava import MoeLlavaModel
 from model.moe_llava_inputs import MoeLlavaBatch, MoeLlavaProcessor
-from model.session import attention_keep
+from model.session import CacheState, SessionBase
 
 MOE_ROUTING_MODES = ("deterministic", "deepspeed")
 
@@ -35,7 +34,7 @@ class MoeRoutingDecision:
         return dataclasses.asdict(self)
 
 
-class MoeLlavaSession:
+class MoeLlavaSession(SessionBase):
     """Model + processor + device.
 
     moe_routing="deterministic" (default): the second expert is the second-largest softmax probability.
@@ -60,12 +59,12 @@ class MoeLlavaSession:
         self.eos_token_ids = set(model.cfg.eos_token_ids)
         self.pad_token_id = model.cfg.pad_token_id
         self.expert_counts: dict[int, torch.Tensor] = {}  # MoE layer -> [B, E] token-slots per expert
-        self._state = None
+        self._cache = None
+        self._generator = None
 
     def _run(self, embeds, positions, cache_pos, keep, real):
         """The decoder over one step; counts each real token's experts. real [B, T] bool."""
-        st = self._state
-        hidden, chosen = self.model(embeds, positions, cache_pos, keep, self.moe_routing, st["generator"])
+        hidden, chosen = self.model(embeds, positions, cache_pos, keep, self.moe_routing, self._generator)
         b, t = real.shape
         for layer, idx in chosen.items():  # idx [B*T, k]
             onehot = torch.nn.functional.one_hot(idx, self.cfg.num_experts).sum(1).view(b, t, -1)  # [B, T, E]
@@ -77,41 +76,27 @@ class MoeLlavaSession:
     def prefill(self, batch: MoeLlavaBatch, max_len: int) -> torch.Tensor:
         m, dev = self.model, self.device.torch_device
         batch = batch.to(dev)
-        b, length = batch.input_ids.shape
+        b = batch.input_ids.shape[0]
         m.setup_caches(b, max_len)
         feats = m.encode_images(batch.pixels) if batch.pixels is not None else None
         embeds = m.embed(batch.input_ids, feats, batch.image_mask)
-        valid = torch.zeros(b, max_len, dtype=torch.bool, device=dev)
-        valid[:, :length] = batch.attention_mask.bool()
-        generator = None
+        self._generator = None
         if self.moe_routing == "deepspeed":
-            generator = torch.Generator(device=dev).manual_seed(self.moe_seed)
-        self._state = {"valid": valid, "pos": batch.next_position.clone(), "cur": length, "generator": generator}
+            self._generator = torch.Generator(device=dev).manual_seed(self.moe_seed)
+        self._cache = CacheState(batch.attention_mask, batch.next_position, max_len)
         self.expert_counts = {i: torch.zeros(b, self.cfg.num_experts, dtype=torch.long, device=dev)
                               for i in m.moe_layer_indices}
-        cache_pos = torch.arange(length, device=dev)
-        hidden = self._run(embeds, batch.positions, cache_pos, attention_keep(valid, cache_pos),
-                           batch.attention_mask.bool())
+        cache_pos, keep = self._cache.prompt()
+        hidden = self._run(embeds, batch.positions, cache_pos, keep, batch.attention_mask.bool())
         self._last_hidden = hidden
         return m.logits(hidden[:, -1])
 
     @torch.inference_mode()
-    def score(self, batch: MoeLlavaBatch) -> torch.Tensor:
-        """Logits at every prompt position [B, L, V] (for checks against other implementations)."""
-        self.prefill(batch, batch.input_ids.shape[1])
-        return self.model.logits(self._last_hidden)
-
-    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        m, st = self.model, self._state
-        cur = st["cur"]
-        st["valid"][:, cur] = True
-        cache_pos = torch.tensor([cur], device=tokens.device)
-        keep = attention_keep(st["valid"], cache_pos)
+        m = self.model
+        cache_pos, keep, pos = self._cache.step()
         real = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
-        hidden = self._run(m.embed(tokens[:, None]), st["pos"][:, None], cache_pos, keep, real)
-        st["cur"] = cur + 1
-        st["pos"] = st["pos"] + 1
+        hidden = self._run(m.embed(tokens[:, None]), pos[:, None], cache_pos, keep, real)
         return m.logits(hidden[:, -1])
 
     # ------------------------------------------------------------------ user-facing
@@ -123,20 +108,6 @@ class MoeLlavaSession:
             p, e = share.max(-1)
             out.append(MoeRoutingDecision(layer, "moe", e.tolist(), [round(x, 6) for x in p.tolist()], c.tolist()))
         return out
-
-    def prepare(self, questions: list[str], images: list[list] | None = None) -> MoeLlavaBatch:
-        images = images or [[] for _ in questions]
-        prompts = [self.processor.chat(q, num_images=len(imgs)) for q, imgs in zip(questions, images)]
-        return self.processor(prompts, images, max_length=self.max_context)
-
-    def ask(self, question: str | list[str], images=None, on_text=None, **gen) -> GenerationResult:
-        questions = [question] if isinstance(question, str) else list(question)
-        if images and len(questions) == 1 and not isinstance(images[0], (list, tuple)):
-            images = [list(images)]
-        if images is not None and len(images) == 0 and len(questions) == 1:
-            images = [[]]
-        batch = self.prepare(questions, images)
-        return generate(self, batch, GenerationConfig(**gen), on_text)
 
 
 def load_session(spec, device, dtype=None, moe_routing=None, vision_tower=None, max_context=None, moe_seed=0,

@@ -27,7 +27,57 @@ class RoutingDecision:
         return dataclasses.asdict(self)
 
 
-class AwakerSession:
+class CacheState:
+    """Static-KV-cache bookkeeping for one batch, shared by the families: which cache slots hold real tokens,
+    where the next token is written, and each request's next text position."""
+
+    def __init__(self, attention_mask: torch.Tensor, next_position: torch.Tensor, max_len: int):
+        b, length = attention_mask.shape
+        self.valid = torch.zeros(b, max_len, dtype=torch.bool, device=attention_mask.device)
+        self.valid[:, :length] = attention_mask.bool()
+        self.pos = next_position.clone()  # [B]
+        self.cur = length
+
+    def prompt(self):
+        """(cache_pos [L], keep [B, 1, L, S]) for the prefill of the whole prompt."""
+        cache_pos = torch.arange(self.cur, device=self.valid.device)
+        return cache_pos, attention_keep(self.valid, cache_pos)
+
+    def step(self):
+        """(cache_pos [1], keep [B, 1, 1, S], positions [B]) for the next decode step; advances the cursor."""
+        self.valid[:, self.cur] = True
+        cache_pos = torch.tensor([self.cur], device=self.valid.device)
+        out = cache_pos, attention_keep(self.valid, cache_pos), self.pos
+        self.cur += 1
+        self.pos = self.pos + 1
+        return out
+
+
+class SessionBase:
+    """What every family's session shares: preparing requests, asking, scoring. A family provides
+    ``processor`` (with ``chat`` and ``__call__``), ``prefill``, ``decode`` and ``_last_hidden``."""
+
+    def prepare(self, questions: list[str], images: list[list] | None = None):
+        images = images or [[] for _ in questions]
+        prompts = [self.processor.chat(q, num_images=len(imgs)) for q, imgs in zip(questions, images)]
+        return self.processor(prompts, images, max_length=self.max_context)
+
+    def ask(self, question: str | list[str], images=None, on_text=None, **gen) -> GenerationResult:
+        """One question (images: a flat list of its images) or a list of questions (images: one list each)."""
+        questions = [question] if isinstance(question, str) else list(question)
+        if images is not None and len(questions) == 1 and not (images and isinstance(images[0], (list, tuple))):
+            images = [list(images)]
+        batch = self.prepare(questions, images)
+        return generate(self, batch, GenerationConfig(**gen), on_text)
+
+    @torch.inference_mode()
+    def score(self, batch) -> torch.Tensor:
+        """Logits at every prompt position [B, L, V] (for checks against other implementations)."""
+        self.prefill(batch, batch.input_ids.shape[1])
+        return self.model.logits(self._last_hidden)
+
+
+class AwakerSession(SessionBase):
     """Model + processor + device, with Awaker's per-request routing.
 
     routing="prefill" (default): routed once from the prompt (image features inserted), kept for the whole
@@ -52,15 +102,15 @@ class AwakerSession:
         self.eos_token_ids = set(model.cfg.eos_token_ids)
         self.pad_token_id = model.cfg.pad_token_id
         self.last_routing: list[LayerRouting] | None = None
-        self._state = None
+        self.decode_routing: list[LayerRouting] | None = None
+        self._cache: CacheState | None = None
 
     # ------------------------------------------------------------------ the two steps generation drives
     @torch.inference_mode()
     def prefill(self, batch: AwakerBatch, max_len: int) -> torch.Tensor:
         m, dev = self.model, self.device.torch_device
         batch = batch.to(dev)
-        b, length = batch.input_ids.shape
-        m.setup_caches(b, max_len)
+        m.setup_caches(batch.input_ids.shape[0], max_len)
         feats = None
         if batch.patches is not None:
             feats = m.encode_images(batch.patches, batch.vision_pos, batch.vision_keep)
@@ -73,34 +123,19 @@ class AwakerSession:
                 plain = m.embed(batch.input_ids)  # image positions keep the <|image_pad|> embedding
                 decode_routing = m.route(pooled_prompt(plain, batch.span))
         self.last_routing = routing
-        valid = torch.zeros(b, max_len, dtype=torch.bool, device=dev)
-        valid[:, :length] = batch.attention_mask.bool()
-        cache_pos = torch.arange(length, device=dev)
-        keep = attention_keep(valid, cache_pos)
+        self._cache = CacheState(batch.attention_mask, batch.next_position, max_len)
+        self.decode_routing = decode_routing
+        cache_pos, keep = self._cache.prompt()
         hidden = m(embeds, batch.positions, cache_pos, keep, routing)
         self._last_hidden = hidden
-        self._state = {"valid": valid, "pos": batch.next_position.clone(), "cur": length,
-                       "routing": decode_routing}
         return m.logits(hidden[:, -1])
 
     @torch.inference_mode()
-    def score(self, batch: AwakerBatch) -> torch.Tensor:
-        """Logits at every prompt position [B, L, V] (for checks against other implementations)."""
-        self.prefill(batch, batch.input_ids.shape[1])
-        return self.model.logits(self._last_hidden)
-
-    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        m, st = self.model, self._state
-        cur = st["cur"]
-        dev = tokens.device
-        st["valid"][:, cur] = True
-        cache_pos = torch.tensor([cur], device=dev)
-        positions = st["pos"].view(1, -1, 1).expand(3, -1, 1)
-        keep = attention_keep(st["valid"], cache_pos)
-        hidden = m(m.embed(tokens[:, None]), positions, cache_pos, keep, st["routing"])
-        st["cur"] = cur + 1
-        st["pos"] = st["pos"] + 1
+        m = self.model
+        cache_pos, keep, pos = self._cache.step()
+        positions = pos.view(1, -1, 1).expand(3, -1, 1)  # text tokens: the same position on all three axes
+        hidden = m(m.embed(tokens[:, None]), positions, cache_pos, keep, self.decode_routing)
         return m.logits(hidden[:, -1])
 
     # ------------------------------------------------------------------ user-facing
@@ -111,17 +146,6 @@ class AwakerSession:
             out.append(RoutingDecision(i, "mlp", r.mlp_expert.tolist(), [round(x, 6) for x in r.mlp_p.tolist()]))
         return out
 
-    def prepare(self, questions: list[str], images: list[list] | None = None) -> AwakerBatch:
-        images = images or [[] for _ in questions]
-        prompts = [self.processor.chat(q, num_images=len(imgs)) for q, imgs in zip(questions, images)]
-        return self.processor(prompts, images, max_length=self.max_context)
-
-    def ask(self, question: str | list[str], images=None, on_text=None, **gen) -> GenerationResult:
-        questions = [question] if isinstance(question, str) else list(question)
-        if images is not None and len(questions) == 1 and not (images and isinstance(images[0], (list, tuple))):
-            images = [list(images)]  # one question: a flat list of its images
-        batch = self.prepare(questions, images)
-        return generate(self, batch, GenerationConfig(**gen), on_text)
 
 
 def attention_keep(valid: torch.Tensor, cache_pos: torch.Tensor) -> torch.Tensor:

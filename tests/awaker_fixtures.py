@@ -1,7 +1,6 @@
 """Tiny Qwen2-VL / Awaker checkpoints built in the tests from random weights (no hub)."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

@@ -194,7 +194,7 @@ def test_legacy_routing_reroutes_decode_steps_from_plain_token_embeddings(adapte
     legacy = AwakerSession(s.model, s.processor, CPU, routing="legacy")
     batch = legacy.prepare(["What is in the picture?"], [[non_square_image(tmp_path)]])
     legacy.prefill(batch, batch.input_ids.shape[1] + 4)
-    decode_routing = legacy._state["routing"]
+    decode_routing = legacy.decode_routing
     # the original's decode steps: embed_tokens(input_ids) with the plain <|image_pad|> embedding, no features
     ids = batch.input_ids[0].tolist()
     start, end = span_like_the_notes(ids, s.cfg)
@@ -210,4 +210,4 @@ def test_legacy_routing_reroutes_decode_steps_from_plain_token_embeddings(adapte
     assert changed, "image features should change the routing input"
     # default mode keeps the prefill routing for the whole request
     s.prefill(batch, batch.input_ids.shape[1] + 4)
-    assert s._state["routing"] is s.last_routing
+    assert s.decode_routing is s.last_routing
