@@ -280,6 +280,10 @@ class OmAwakerSession(ExportedAwakerSession):
             runners[n] = OrtGearRunner(make_session(onnx_dir / g["onnx"], "cpu", threads), graph)
         return cls(folder, runners, config)
 
+    @property
+    def dtype_name(self) -> str:
+        return self.dtype
+
     def describe(self) -> dict:
         return {"kind": "om", "device": "ascend-om", "chip": self.config["soc"], "dtype": self.dtype,
                 "precision": self.config["precision"], "quantize": None, "hardware_verified": False}

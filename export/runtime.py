@@ -13,7 +13,6 @@ own buffers between steps) and ``export.om.OmAwakerSession`` (Ascend OM through 
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -233,6 +232,10 @@ class OrtAwakerSession(ExportedAwakerSession):
         self.kv_device = "cuda" if provider == "cuda" else "cpu"
         self.num_layers = self.cfg.num_layers
 
+    @property
+    def dtype_name(self) -> str:
+        return self.dtype
+
     def describe(self) -> dict:
         import onnxruntime as ort
 
@@ -308,31 +311,6 @@ def run_exported(args) -> int:
 
 
 def _generate_and_print(vl, args) -> int:
-    stream = None
-    if not args.json and not args.no_stream:
-        def stream(i, text):
-            sys.stdout.write(text)
-            sys.stdout.flush()
-    res = vl.ask(args.prompt, images=args.image, on_text=stream, max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    desc = vl.describe()
-    routing = [d.to_dict() for d in vl.routing_decisions()]
-    if args.json:
-        print(json.dumps({
-            "text": res.texts[0], "token_ids": res.token_ids[0], "prompt_tokens": res.prompt_tokens[0],
-            "finish_reason": res.finish_reasons[0], "ttft_ms": round(res.ttft_ms, 3),
-            "decode_tokens_per_s": round(res.decode_tokens_per_s, 3), "device": desc, "dtype": vl.dtype,
-            "model": str(args.model), "family": vl.family, "backend": args.backend, "routing": routing}))
-        return 0
-    if stream is None:
-        print(res.texts[0])
-    else:
-        print()
-    print(f"--\nbackend {args.backend} ({desc['device']}, {desc['chip']}), dtype {vl.dtype}"
-          f"{', int8 decoder' if desc.get('quantize') else ''}; prompt {res.prompt_tokens[0]} tokens; "
-          f"time to first token {res.ttft_ms:.1f} ms; decode {res.decode_tokens_per_s:.1f} tokens/s; "
-          f"finish: {res.finish_reasons[0]}", file=sys.stderr)
-    if routing:
-        summary = ", ".join(f"L{d['layer']}.{d['router']}: e{d['expert'][0]} p={d['p'][0]:.3f}" for d in routing)
-        print(f"routing: {summary}", file=sys.stderr)
-    return 0
+    from model.cli import answer_and_report
+
+    return answer_and_report(vl, args, backend=args.backend)

@@ -42,12 +42,17 @@ def _add_generation_args(p):
 def run_generation(args) -> int:
     from model.api import load
 
-    options = {"routing": args.routing, "base": args.base, "max_context": args.max_context,
-               "strict_npu": getattr(args, "strict_npu", None), "compile": getattr(args, "compile", False)}
-    for extra in ("moe_routing", "vision_tower"):
+    options = {"routing": args.routing, "base": args.base, "max_context": args.max_context}
+    for extra in ("moe_routing", "vision_tower", "strict_npu", "compile"):
         if getattr(args, extra, None) is not None:
             options[extra] = getattr(args, extra)
     vl = load(args.model, device=args.device, dtype=args.dtype, **options)
+    return answer_and_report(vl, args)
+
+
+def answer_and_report(vl, args, backend: str = "torch") -> int:
+    """Ask the session, stream or print the answer, then the figures (or one JSON object). Shared by every
+    backend so scripts see the same fields: text, token_ids, ttft_ms, decode_tokens_per_s, device, dtype, routing."""
     stream = None
     if not args.json and not args.no_stream:
         def stream(i, text):
@@ -55,22 +60,22 @@ def run_generation(args) -> int:
             sys.stdout.flush()
     res = vl.ask(args.prompt, images=args.image, on_text=stream, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    dev = vl.device
+    desc = vl.describe()
+    dtype = vl.dtype_name
     routing = [d.to_dict() for d in vl.routing_decisions()]
     if args.json:
         print(json.dumps({
             "text": res.texts[0], "token_ids": res.token_ids[0], "prompt_tokens": res.prompt_tokens[0],
             "finish_reason": res.finish_reasons[0], "ttft_ms": round(res.ttft_ms, 3),
-            "decode_tokens_per_s": round(res.decode_tokens_per_s, 3), "device": dev.describe(),
-            "dtype": str(next(vl.model.parameters()).dtype).replace("torch.", ""), "model": str(args.model),
-            "family": vl.family, "routing": routing}))
+            "decode_tokens_per_s": round(res.decode_tokens_per_s, 3), "device": desc, "dtype": dtype,
+            "model": str(args.model), "family": vl.family, "backend": backend, "routing": routing}))
         return 0
     if stream is None:
         print(res.texts[0])
     else:
         print()
-    print(f"--\ndevice {dev.describe()['device']} ({dev.describe()['chip']}), dtype "
-          f"{str(next(vl.model.parameters()).dtype).replace('torch.', '')}; prompt {res.prompt_tokens[0]} tokens; "
+    print(f"--\nbackend {backend} ({desc['device']}, {desc['chip']}), dtype {dtype}"
+          f"{', int8 decoder' if desc.get('quantize') else ''}; prompt {res.prompt_tokens[0]} tokens; "
           f"time to first token {res.ttft_ms:.1f} ms; decode {res.decode_tokens_per_s:.1f} tokens/s; "
           f"finish: {res.finish_reasons[0]}", file=sys.stderr)
     if routing:

@@ -70,6 +70,15 @@ class SessionBase:
         batch = self.prepare(questions, images)
         return generate(self, batch, GenerationConfig(**gen), on_text)
 
+    @property
+    def dtype_name(self) -> str:
+        from ascend.device import dtype_name
+
+        return dtype_name(self.model.lm_head.weight.dtype)
+
+    def describe(self) -> dict:
+        return self.device.describe()
+
     @torch.inference_mode()
     def score(self, batch) -> torch.Tensor:
         """Logits at every prompt position [B, L, V] (for checks against other implementations)."""

@@ -23,7 +23,7 @@ def test_demo_json_has_the_promised_fields(capsys):
     d = json.loads(out)
     for key in ("text", "token_ids", "ttft_ms", "decode_tokens_per_s", "device", "dtype", "routing"):
         assert key in d, key
-    assert 1 <= len(d["token_ids"]) <= 5 and d["device"]["kind"] == "cpu" and d["dtype"] == "float32"
+    assert 1 <= len(d["token_ids"]) <= 5 and d["device"]["kind"] == "cpu" and d["dtype"] == "fp32"
     assert len(d["routing"]) == 4 and {r["router"] for r in d["routing"]} == {"attn", "mlp"}
 
 
