@@ -164,10 +164,15 @@ def swiglu(gate, up):
 
 def attention(q, k, v, keep_mask, scale):
     """SDPA with grouped KV heads, no repeat_interleave copy. q [B, Hq, T, D]; k, v [B, Hkv, S, D];
-    keep_mask [B, 1, T, S] True = may attend. Fully masked rows give zeros (as the reference)."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep_mask, scale=scale,
+    keep_mask [B, 1, T, S] True = may attend. Fully masked rows give zeros (as the reference).
+
+    The mask goes in additive form: on CPU, SDPA with a boolean mask and enable_gqa takes a path ~40x slower
+    than with a float mask at decode (6.3 ms vs 0.16 ms for 28/4 heads, S = 200, measured with torch 2.13).
+    finfo.min rather than -inf keeps fully masked rows finite (they are zeroed below)."""
+    bias = torch.zeros(keep_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+        ~keep_mask, torch.finfo(q.dtype).min)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale,
                                          enable_gqa=q.shape[1] != k.shape[1])
-    # SDPA's math path yields zeros for fully masked rows on current torch; make it explicit and cheap.
     any_kept = keep_mask.any(-1, keepdim=True)  # [B, 1, T, 1]
     return out.masked_fill(~any_kept, 0)
 
