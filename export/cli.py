@@ -30,7 +30,7 @@ def cmd_onnx(args) -> int:
 
     export_onnx(args.model, args.out, dtype=args.dtype, opset=args.opset, force=args.force,
                 validate=not args.no_validate, validate_tokens=args.validate_tokens,
-                log=lambda m: print(m, file=sys.stderr))
+                log=lambda m: print(m, file=sys.stderr), vision_tower=args.vision_tower)
     print(args.out)
     return 0
 
@@ -59,13 +59,14 @@ def add_export_parser(subparsers):
     sub = p.add_subparsers(dest="export_command", required=True)
 
     q = sub.add_parser("onnx", help="export a model to an ONNX folder (vision, embedding, decoder + contract.json)")
-    q.add_argument("--model", required=True, help="a preset (awaker-tiny) or a checkpoint folder")
+    q.add_argument("--model", required=True, help="a preset (awaker-tiny, moellava-tiny) or a checkpoint folder")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     q.add_argument("--opset", type=int, default=17, help="ONNX opset (ATC takes <= 18; default 17)")
     q.add_argument("--force", action="store_true", help="replace an existing --out")
     q.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch validation")
     q.add_argument("--validate-tokens", type=int, default=8, help="greedy tokens compared in validation")
+    q.add_argument("--vision-tower", default=None, help="MoE-LLaVA folder: the local CLIP/SigLIP tower folder")
     q.set_defaults(func=cmd_onnx)
 
     q = sub.add_parser("check", help="list the op types of each graph and check them against ATC's ONNX op list")

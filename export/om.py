@@ -142,6 +142,9 @@ def build_om(onnx_dir, out=None, soc: str = "Ascend910B2", precision: str = "ori
     """Write om_config.json (+ mixlist, tokenizer files) and either run ATC (when on PATH) or write build_om.sh."""
     onnx_dir = Path(onnx_dir)
     contract = read_contract(onnx_dir)
+    if contract["family"] != "awaker":
+        raise ValueError(f"OM gears and the OM runtime exist for Awaker exports only; {onnx_dir} is a "
+                         f"{contract['family']} export (its ONNX graphs run with --backend ort)")
     if not re.fullmatch(r"Ascend[0-9A-Za-z_]+", soc):
         raise ValueError(f"--soc {soc!r}: give ATC's soc_version, 'Ascend' + the chip name from npu-smi info "
                          "(e.g. Ascend910B2, Ascend310P3)")

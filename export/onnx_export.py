@@ -19,6 +19,9 @@ unchanged at every step): per-request routing is a [batch, H] input, so there is
 Everything data-dependent (M-RoPE positions, the causal/padding mask, vision position ids and mask, the router span)
 is computed by the runtime before the graphs run, as model.inputs does for PyTorch.
 
+MoE-LLaVA's builder, runtime and validation (same three graphs, 1-D positions, MoE experts chosen inside the
+decoder per token) are in export/moe_llava_onnx.py.
+
 Exporter: the TorchScript exporter (``dynamo=False``) at opset 17, which ATC accepts (tests/test_export.py checks
 that it still works on the installed torch), over the model with the "export" kernel backend (dense, static-shape
 formulations: kernels/fast.py).
@@ -259,6 +262,9 @@ class AwakerOnnxBuilder:
             [TensorSpec("logits", "float32", ["batch", cfg.vocab_size])] + routing_out + present_specs))
         return specs
 
+    def accept(self, session) -> None:
+        """Raise ExportError if this session cannot be exported (every Awaker session can)."""
+
     def contract_section(self) -> dict:
         cfg = self.cfg
         routing = None
@@ -311,7 +317,20 @@ class _DropRouterInput(nn.Module):
         return self.inner(inputs_embeds, attention_keep, position_ids, None, *past)
 
 
-BUILDERS = {"awaker": AwakerOnnxBuilder}
+# family -> builder class, or "module:Class" for a family whose builder lives in its own module (imported on use)
+BUILDERS = {"awaker": AwakerOnnxBuilder, "moe-llava": "export.moe_llava_onnx:MoeLlavaOnnxBuilder"}
+
+
+def builder_class(family: str):
+    entry = BUILDERS.get(family)
+    if entry is None:
+        raise ExportError(f"ONNX export of the {family} family is not available yet (families: {sorted(BUILDERS)})")
+    if isinstance(entry, str):
+        import importlib
+
+        module, _, name = entry.partition(":")
+        entry = getattr(importlib.import_module(module), name)
+    return entry
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -345,23 +364,22 @@ def _graph_entry(spec: GraphSpec, folder: Path) -> dict:
             "inputs": [t.to_dict() for t in spec.inputs], "outputs": [t.to_dict() for t in spec.outputs]}
 
 
-def load_for_export(spec: str | Path, dtype: str):
-    """-> (AwakerModel on the CPU in dtype, processor folder or None, the session PyTorch validation runs)."""
+def load_for_export(spec: str | Path, dtype: str, **options):
+    """-> the PyTorch session (model on the CPU in dtype) that is traced and that validation compares against.
+    ``options`` go to model.api.load (e.g. vision_tower= for a MoE-LLaVA folder)."""
     from model.api import family_of, load
 
-    family = family_of(spec)
-    if family not in BUILDERS:
-        raise ExportError(f"ONNX export of the {family} family is not available yet (families: {sorted(BUILDERS)})")
-    session = load(spec, device="cpu", dtype=dtype)
-    return session
+    builder_class(family_of(spec))  # an unsupported family fails before loading
+    return load(spec, device="cpu", dtype=dtype, **options)
 
 
 def export_onnx(spec, out, dtype: str = "fp32", opset: int = 17, force: bool = False, validate: bool = True,
-                log=print, session=None, processor_folder=None, validate_tokens: int = 8) -> Path:
+                log=print, session=None, processor_folder=None, validate_tokens: int = 8, **load_options) -> Path:
     """Export a model (preset, folder, or a loaded PyTorch session) to an ONNX folder; see the module docstring.
 
     The folder is written under a temporary name beside ``out``, validated, then renamed; any failure (or an
-    interrupt) removes the temporary folder and leaves ``out`` as it was.
+    interrupt) removes the temporary folder and leaves ``out`` as it was. ``load_options`` go to model.api.load
+    when ``spec`` is loaded here.
     """
     from ascend.device import dtype_name, parse_dtype
 
@@ -373,11 +391,12 @@ def export_onnx(spec, out, dtype: str = "fp32", opset: int = 17, force: bool = F
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
     if session is None:
-        session = load_for_export(spec, dtype)
+        session = load_for_export(spec, dtype, **load_options)
     model = session.model
     if dtype_name(next(model.parameters()).dtype) != dtype:
         raise ExportError(f"the session's model is {next(model.parameters()).dtype}, not {parse_dtype(dtype)}")
-    builder = BUILDERS[model.cfg.family](model)
+    builder = builder_class(model.cfg.family)(model)
+    builder.accept(session)
     if processor_folder is None and getattr(session, "processor", None) is not None:
         processor_folder = getattr(session.processor, "folder", None)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -278,12 +278,25 @@ class OrtAwakerSession(ExportedAwakerSession):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def open_ort_session(folder, **options):
+    """The ONNX Runtime session for an export folder, by the contract's family (options as OrtAwakerSession)."""
+    family = read_contract(folder)["family"]
+    if family == "moe-llava":
+        from export.moe_llava_onnx import OrtMoeLlavaSession
+
+        return OrtMoeLlavaSession(folder, **options)
+    return OrtAwakerSession(folder, **options)
+
+
 def _open_session(args):
     folder = Path(args.model)
     if args.backend == "ort":
         if getattr(args, "routing", "prefill") != "prefill":
             raise ValueError("exported graphs route once at prefill; --routing legacy is PyTorch-only")
-        return OrtAwakerSession(folder, provider=args.provider, quantize=args.quantize,
+        if getattr(args, "moe_routing", None) not in (None, "deterministic"):
+            raise ValueError("exported MoE-LLaVA graphs route deterministically (top-2 of the softmax); "
+                             "--moe-routing deepspeed is PyTorch-only")
+        return open_ort_session(folder, provider=args.provider, quantize=args.quantize,
                                 max_context=args.max_context, log=lambda m: print(m, file=sys.stderr))
     from export.om import OmAwakerSession
 

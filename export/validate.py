@@ -80,6 +80,10 @@ def validate_export(folder: Path, session, tokens: int = 8, log=print) -> dict:
     if not check.ok:
         raise ValidationError("ATC op check failed:\n  " + "\n  ".join(check.problems))
     log("ATC op check: OK")
+    if contract["family"] == "moe-llava":
+        from export.moe_llava_onnx import validate_moe_llava
+
+        return validate_moe_llava(folder, session, tokens=tokens, log=log)
     report = {"tolerance_rel": tol, "graphs": {}}
     ort = OrtAwakerSession(folder)
     m = session.model
