@@ -199,8 +199,8 @@ class OrtMoeLlavaSession(SessionBase):
         if self.contract["family"] != self.family:
             raise ValueError(f"{folder} holds a {self.contract['family']} export, not {self.family}")
         if quantize is not None:
-            raise ValueError("--quantize is not available for MoE-LLaVA exports yet (its experts are 3-D MatMul "
-                             "weights, which dynamic quantisation does not cover)")
+            raise ValueError("--quantize is not available for MoE-LLaVA exports yet (the int8 pass would also "
+                             "quantise the routers, which changes expert choices); run the fp32/fp16 export")
         self.cfg = MoeLlavaConfig.from_dict(self.contract["config"])
         self.dtype = self.contract["dtype"]
         self.np_dtype = np.float16 if self.dtype == "fp16" else np.float32
