@@ -143,3 +143,21 @@ def test_backends_are_registered():
     assert get_kernels("export").lora_moe_linear is fast.lora_moe_linear_dense
     for name in ("reference", "cpu", "cuda", "cpu-merged", "export"):
         assert get_kernels(name).moe_ffn is not None
+
+
+@pytest.mark.parametrize("rank_major", [False, True])
+def test_single_request_plan_serves_prefill_then_decode(rank_major):
+    """Batch 1 on the CPU: views at prefill (T > 1), stacked once at the first T = 1 step; both equal the
+    reference, also with lora_B stored rank-major as the Awaker model keeps it."""
+    x, W, bias, A, B, expert, scales = lora_case(1, 6, 37, 53, 256, 5, torch.float32)
+    if rank_major:
+        B = B.transpose(1, 2).contiguous().transpose(1, 2)
+    plan = fast.lora_moe_prepare(A, B, expert, scales)
+    ref_plan = reference.lora_moe_prepare(A, B, expert, scales)
+    torch.testing.assert_close(fast.lora_moe_linear(x, W, bias, plan),
+                               reference.lora_moe_linear(x, W, bias, ref_plan), rtol=1e-5, atol=1e-5)
+    for t in range(3):
+        step = x[:, t:t + 1]
+        torch.testing.assert_close(fast.lora_moe_linear(step, W, bias, plan),
+                                   reference.lora_moe_linear(step, W, bias, ref_plan), rtol=1e-5, atol=1e-5)
+    assert len(plan.stacked) == 1  # stacked once, reused
