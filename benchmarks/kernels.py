@@ -66,6 +66,7 @@ def bench_awaker(configs, repeats, device, dtype, esize):
         W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(device, dtype)
         A = (torch.randn(TASK_EXPERTS + 1, RANK, d_in, generator=g) / d_in**0.5).to(device, dtype)
         B = (torch.randn(TASK_EXPERTS + 1, d_out, RANK, generator=g) / RANK**0.5).to(device, dtype)
+        B = B.transpose(1, 2).contiguous().transpose(1, 2)  # rank-major storage, as the Awaker model keeps it
         layer[name] = (W, A, B)
     w_elems = sum(d_in * d_out for d_in, d_out in AWAKER_LINEARS.values())
     lora_elems = sum(2 * RANK * (d_in + d_out) for d_in, d_out in AWAKER_LINEARS.values())  # per request
