@@ -170,12 +170,16 @@ def main(argv=None) -> int:
         med[k]["decode_bandwidth_gbs"] = nbytes / (med[k]["decode_ms_per_token"] / 1000) / 1e9
         med[k]["fraction_of_read_bandwidth"] = med[k]["decode_bandwidth_gbs"] / bw["sum"]
         med[k]["fraction_of_gemv_bandwidth"] = med[k]["decode_bandwidth_gbs"] / bw["gemv"]
-    ratios = {"ttft": med["ours"]["ttft_ms"] / med["baseline"]["ttft_ms"],
-              "decode": med["ours"]["decode_ms_per_token"] / med["baseline"]["decode_ms_per_token"],
+    paired_ttft = [o[0] / b[0] for o, b in zip(rows["ours"], rows["baseline"])]
+    paired_decode = [o[1] / b[1] for o, b in zip(rows["ours"], rows["baseline"])]
+    # the headline ratio is the median of the per-round (paired) ratios: under drifting load on a shared
+    # machine it is steadier than the ratio of the two medians (which is also kept)
+    ratios = {"ttft": median(paired_ttft), "decode": median(paired_decode),
+              "ttft_of_medians": med["ours"]["ttft_ms"] / med["baseline"]["ttft_ms"],
+              "decode_of_medians": med["ours"]["decode_ms_per_token"] / med["baseline"]["decode_ms_per_token"],
               "decode_bytes_ideal": bytes_ours / bytes_base,
               # the machine is shared and noisy: the spread of the per-round ratios says how much to trust these
-              "ttft_per_round": [o[0] / b[0] for o, b in zip(rows["ours"], rows["baseline"])],
-              "decode_per_round": [o[1] / b[1] for o, b in zip(rows["ours"], rows["baseline"])]}
+              "ttft_per_round": paired_ttft, "decode_per_round": paired_decode}
     import resource
 
     payload = {"benchmark": "e2e-awaker", "config": {"layers": args.layers, "rank": args.rank,
@@ -192,6 +196,7 @@ def main(argv=None) -> int:
           f"7B width, {args.layers} decoder layers, ViT depth 2, fp32, {batch.input_ids.shape[1]} prompt tokens "
           f"(64 image), {args.new_tokens} greedy tokens, medians of {args.rounds} alternating rounds, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads. No NPU figures: nothing ran on an NPU.", "",
+          "Ratio = median over rounds of ours/baseline measured in the same round.", "",
           "| | ours | baseline | ratio | target | original Awaker |", "|---|---|---|---|---|---|",
           f"| time to first token (ms) | {med['ours']['ttft_ms']:.0f} | {med['baseline']['ttft_ms']:.0f} | "
           f"{ratios['ttft']:.3f} | <= 1.15 | 2.16 |",
