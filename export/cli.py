@@ -80,8 +80,9 @@ def add_export_parser(subparsers):
     q.add_argument("--precision", default="origin", choices=["origin", "fp16", "mixed_float16"],
                    help="ATC --precision_mode_v2 (origin keeps fp32 ops: use it for parity checks)")
     q.add_argument("--gears", action="append", default=[],
-                   help="KIND=N1,N2,... with KIND prefill (prompt lengths), decode (KV lengths) or vision "
-                        "(patches per request, multiples of 4); repeatable")
+                   help="KIND=N1,N2,... with KIND prefill (prompt lengths), decode (KV lengths), vision "
+                        "(Awaker: patches per request, multiples of 4) or images (MoE-LLaVA: images per request; "
+                        "one value = a static vision model); repeatable")
     q.add_argument("--batch", type=int, default=1, help="static batch size compiled into the OM models")
     q.add_argument("--out", default=None, help="output folder (default: <onnx>-om-<soc>)")
     q.add_argument("--script-only", action="store_true", help="write build_om.sh even when atc is on PATH")

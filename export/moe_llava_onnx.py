@@ -182,25 +182,23 @@ class MoeLlavaOnnxBuilder:
         }
 
 
-# --------------------------------------------------------------------------------------------- ONNX Runtime
-class OrtMoeLlavaSession(SessionBase):
-    """prefill/decode over exported MoE-LLaVA graphs with ONNX Runtime (same interface as
-    model.moe_llava_session.MoeLlavaSession, so model.generate.generate drives it)."""
+# --------------------------------------------------------------------------------------------- runtimes
+class ExportedMoeLlavaSession(SessionBase):
+    """prefill/decode over exported MoE-LLaVA graphs (same interface as model.moe_llava_session.MoeLlavaSession, so
+    model.generate.generate drives it). Subclasses only run graphs: ``OrtMoeLlavaSession`` (ONNX Runtime) and
+    ``export.om.OmMoeLlavaSession`` (Ascend OM with gear padding); they implement ``_vision``, ``_embedding``,
+    ``_decoder`` and ``_empty_past``."""
 
     family = "moe-llava"
 
-    def __init__(self, folder, provider: str = "cpu", quantize: str | None = None, threads: int | None = None,
-                 max_context: int | None = None, log=lambda *a: None):
+    def __init__(self, folder, contract: dict | None = None, max_context: int | None = None):
         from ascend.device import resolve_device
         from model.moe_llava_config import MoeLlavaConfig
 
         self.folder = Path(folder)
-        self.contract = read_contract(folder)
+        self.contract = contract or read_contract(folder)
         if self.contract["family"] != self.family:
             raise ValueError(f"{folder} holds a {self.contract['family']} export, not {self.family}")
-        if quantize is not None:
-            raise ValueError("--quantize is not available for MoE-LLaVA exports yet (the int8 pass would also "
-                             "quantise the routers, which changes expert choices); run the fp32/fp16 export")
         self.cfg = MoeLlavaConfig.from_dict(self.contract["config"])
         self.dtype = self.contract["dtype"]
         self.np_dtype = np.float16 if self.dtype == "fp16" else np.float32
@@ -215,20 +213,99 @@ class OrtMoeLlavaSession(SessionBase):
         self.max_context = max_context or self.cfg.max_position_embeddings
         self.eos_token_ids = set(self.cfg.eos_token_ids)
         self.pad_token_id = self.cfg.pad_token_id
-        self.provider, self.quantize = provider, quantize
-        g = self.contract["graphs"]
-        self.vision = make_session(self.folder / g["vision"]["file"], provider, threads)
-        self.embedding = make_session(self.folder / g["embedding"]["file"], provider, threads)
-        self.decoder = make_session(self.folder / g["decoder"]["file"], provider, threads)
-        self.output_names = [o.name for o in self.decoder.get_outputs()]
-        self.kv_device = "cuda" if provider == "cuda" else "cpu"
         self.moe_layers = list(self.contract["moe"]["layers"])
         self.expert_counts: dict[int, torch.Tensor] = {}
+        self.last_experts = None  # the last call's moe_experts [L_moe, B, T, k] numpy
         self._state = None
 
     @property
     def dtype_name(self) -> str:
         return self.dtype
+
+    # ------------------------------------------------------------------ graph calls (subclasses)
+    def _vision(self, pixel_values: np.ndarray) -> np.ndarray:  # -> image_features [I*N, H]
+        raise NotImplementedError
+
+    def _embedding(self, input_ids: np.ndarray, image_features: np.ndarray) -> np.ndarray:  # -> inputs_embeds
+        raise NotImplementedError
+
+    def _decoder(self, embeds, positions, past, valid_past, valid_new):
+        """-> (logits np [B, V], moe_experts np [L_moe, B, T, k] | None, past covering valid_past + valid_new)."""
+        raise NotImplementedError
+
+    def _empty_past(self, batch: int):
+        raise NotImplementedError
+
+    def _count(self, experts, real: torch.Tensor) -> None:
+        """expert_counts[layer] += token-slots per expert over the real tokens (as MoeLlavaSession._run)."""
+        self.last_experts = experts
+        if experts is None:
+            return
+        onehot = torch.nn.functional.one_hot(torch.from_numpy(experts), self.cfg.num_experts).sum(-2)  # [L,B,T,E]
+        for j, layer in enumerate(self.moe_layers):
+            self.expert_counts[layer] += (onehot[j] * real[..., None]).sum(1)
+
+    # ------------------------------------------------------------------ the two steps generation drives
+    def prefill(self, batch, max_len: int) -> torch.Tensor:
+        b = batch.batch_size
+        if batch.pixels is not None:
+            feats = self._vision(batch.pixels.numpy())
+        else:
+            feats = np.zeros((0, self.cfg.hidden_size), self.np_dtype)
+        embeds = self._embedding(batch.input_ids.numpy(), feats)
+        valid = batch.attention_mask.bool()
+        logits, experts, past = self._decoder(embeds, batch.positions.numpy(), self._empty_past(b),
+                                              torch.zeros(b, 0, dtype=torch.bool), valid)
+        self.expert_counts = {i: torch.zeros(b, self.cfg.num_experts, dtype=torch.long) for i in self.moe_layers}
+        self._count(experts, valid)
+        self._state = {"past": past, "valid": valid, "pos": batch.next_position.clone()}
+        return torch.from_numpy(np.ascontiguousarray(logits))
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        st = self._state
+        b = tokens.shape[0]
+        embeds = self._embedding(tokens.reshape(b, 1).cpu().numpy().astype(np.int64),
+                                 np.zeros((0, self.cfg.hidden_size), self.np_dtype))
+        new = torch.ones(b, 1, dtype=torch.bool)
+        logits, experts, st["past"] = self._decoder(embeds, st["pos"].view(b, 1).numpy(), st["past"], st["valid"],
+                                                    new)
+        self._count(experts, new)
+        st["valid"] = torch.cat([st["valid"], new], dim=1)
+        st["pos"] = st["pos"] + 1
+        return torch.from_numpy(np.ascontiguousarray(logits))
+
+    def prepare(self, questions, images=None):
+        if self.processor is None:
+            raise ValueError(f"{self.folder} has no tokenizer files: re-export with a model folder that has them")
+        return super().prepare(questions, images)
+
+    def routing_decisions(self):
+        from model.moe_llava_session import MoeLlavaSession
+
+        return MoeLlavaSession.routing_decisions(self)  # reads only expert_counts: the same summary as PyTorch
+
+
+class OrtMoeLlavaSession(ExportedMoeLlavaSession):
+    """The exported graphs in ONNX Runtime; ``quantize="int8"``: the decoder's MatMul weights in int8, the router
+    MatMuls kept fp32 (export.runtime.quantize_decoder)."""
+
+    def __init__(self, folder, provider: str = "cpu", quantize: str | None = None, threads: int | None = None,
+                 max_context: int | None = None, log=lambda *a: None):
+        from export.runtime import quantize_decoder
+
+        super().__init__(folder, max_context=max_context)
+        g = self.contract["graphs"]
+        decoder_path = self.folder / g["decoder"]["file"]
+        if quantize == "int8":
+            decoder_path = quantize_decoder(self.folder, self.contract, log)
+        elif quantize is not None:
+            raise ValueError(f"--quantize {quantize!r}: only int8 is available")
+        self.provider, self.quantize = provider, quantize
+        self.vision = make_session(self.folder / g["vision"]["file"], provider, threads)
+        self.embedding = make_session(self.folder / g["embedding"]["file"], provider, threads)
+        self.decoder = make_session(decoder_path, provider, threads)
+        self.output_names = [o.name for o in self.decoder.get_outputs()]
+        self.kv_device = "cuda" if provider == "cuda" else "cpu"
 
     def describe(self) -> dict:
         import onnxruntime as ort
@@ -237,13 +314,16 @@ class OrtMoeLlavaSession(SessionBase):
                 "providers": self.decoder.get_providers(), "dtype": self.dtype, "onnxruntime": ort.__version__,
                 "quantize": self.quantize}
 
-    # ------------------------------------------------------------------ graph calls
     def _vision(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.vision.run(None, {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})[0]
 
     def _embedding(self, input_ids: np.ndarray, image_features: np.ndarray) -> np.ndarray:
         return self.embedding.run(None, {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                                          "image_features": image_features})[0]
+
+    def _empty_past(self, batch: int):
+        shape = (batch, self.cfg.num_kv_heads, 0, self.cfg.head_dim)
+        return [np.zeros(shape, self.np_dtype) for _ in range(2 * self.cfg.num_layers)]
 
     def _decoder(self, embeds, positions, past, valid_past, valid_new):
         """-> (logits np [B, V], moe_experts np [L_moe, B, T, k] | None, present KV as OrtValues)."""
@@ -265,54 +345,41 @@ class OrtMoeLlavaSession(SessionBase):
         present = [outs[f"present.{i // 2}.{'key' if i % 2 == 0 else 'value'}"] for i in range(2 * self.cfg.num_layers)]
         return outs["logits"].numpy(), experts, present
 
-    def _count(self, experts, real: torch.Tensor) -> None:
-        """expert_counts[layer] += token-slots per expert over the real tokens (as MoeLlavaSession._run)."""
-        if experts is None:
-            return
-        onehot = torch.nn.functional.one_hot(torch.from_numpy(experts), self.cfg.num_experts).sum(-2)  # [L,B,T,E]
-        for j, layer in enumerate(self.moe_layers):
-            self.expert_counts[layer] += (onehot[j] * real[..., None]).sum(1)
 
-    # ------------------------------------------------------------------ the two steps generation drives
-    def prefill(self, batch, max_len: int) -> torch.Tensor:
-        b = batch.batch_size
-        if batch.pixels is not None:
-            feats = self._vision(batch.pixels.numpy())
-        else:
-            feats = np.zeros((0, self.cfg.hidden_size), self.np_dtype)
-        embeds = self._embedding(batch.input_ids.numpy(), feats)
-        valid = batch.attention_mask.bool()
-        shape = (b, self.cfg.num_kv_heads, 0, self.cfg.head_dim)
-        empty = [np.zeros(shape, self.np_dtype) for _ in range(2 * self.cfg.num_layers)]
-        logits, experts, past = self._decoder(embeds, batch.positions.numpy(), empty,
-                                              torch.zeros(b, 0, dtype=torch.bool), valid)
-        self.expert_counts = {i: torch.zeros(b, self.cfg.num_experts, dtype=torch.long) for i in self.moe_layers}
-        self._count(experts, valid)
-        self._state = {"past": past, "valid": valid, "pos": batch.next_position.clone()}
-        return torch.from_numpy(np.ascontiguousarray(logits))
+def int8_agreement(folder, batch, tokens: int = 16) -> dict:
+    """What int8 does to MoE-LLaVA (as benchmarks.ort reports for Awaker): greedy tokens of the int8 decoder vs fp32,
+    and the per-token expert choices of int8 vs fp32 on the same inputs (int8 fed fp32's greedy tokens, so both
+    route the same sequence): the share of (layer, token) top-1 experts and of whole top-k sets that agree."""
+    from export.validate import greedy_tokens
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        st = self._state
-        b = tokens.shape[0]
-        embeds = self._embedding(tokens.reshape(b, 1).cpu().numpy(), np.zeros((0, self.cfg.hidden_size),
-                                                                               self.np_dtype))
-        new = torch.ones(b, 1, dtype=torch.bool)
-        logits, experts, st["past"] = self._decoder(embeds, st["pos"].view(b, 1).numpy(), st["past"], st["valid"],
-                                                    new)
-        self._count(experts, new)
-        st["valid"] = torch.cat([st["valid"], new], dim=1)
-        st["pos"] = st["pos"] + 1
-        return torch.from_numpy(np.ascontiguousarray(logits))
+    ref, q = OrtMoeLlavaSession(folder), OrtMoeLlavaSession(folder, quantize="int8")
+    want, got = greedy_tokens(ref, batch, tokens), greedy_tokens(q, batch, tokens)
+    real = batch.attention_mask.bool().numpy()
+    top1 = sets = total = 0
 
-    def prepare(self, questions, images=None):
-        if self.processor is None:
-            raise ValueError(f"{self.folder} has no tokenizer files: re-export with a model folder that has them")
-        return super().prepare(questions, images)
+    def compare(a, b, mask):  # [L, B, T, k] each; mask [B, T] real tokens
+        nonlocal top1, sets, total
+        m = np.broadcast_to(mask[None], a.shape[:3])
+        top1 += int(((a[..., 0] == b[..., 0]) & m).sum())
+        sets += int(((np.sort(a, -1) == np.sort(b, -1)).all(-1) & m).sum())
+        total += int(m.sum())
 
-    def routing_decisions(self):
-        from model.moe_llava_session import MoeLlavaSession
-
-        return MoeLlavaSession.routing_decisions(self)  # reads only expert_counts: the same summary as PyTorch
+    tok = ref.prefill(batch, 0).argmax(-1)
+    q.prefill(batch, 0)
+    compare(ref.last_experts, q.last_experts, real)
+    for _ in range(tokens - 1):
+        ref_logits = ref.decode(tok)
+        q.decode(tok)
+        compare(ref.last_experts, q.last_experts, np.ones((tok.shape[0], 1), bool))
+        tok = ref_logits.argmax(-1)
+    first = [next((i for i, (a, b) in enumerate(zip(w, g)) if a != b), None) for w, g in zip(want, got)]
+    return {"greedy_identical": want == got,
+            "greedy_positions_equal": f"{sum(a == b for w, g in zip(want, got) for a, b in zip(w, g))}/"
+                                      f"{sum(len(w) for w in want)}",
+            "first_divergence": first,
+            "top1_expert_agreement": round(top1 / total, 4) if total else None,
+            "topk_set_agreement": round(sets / total, 4) if total else None,
+            "routed_tokens": total}
 
 
 # --------------------------------------------------------------------------------------------- validation

@@ -5,6 +5,7 @@ AwakerProcessor), the per-request bookkeeping of prefill/decode (valid slots, ne
 input) and the user-facing ``ask``/``routing_decisions``. Subclasses only run graphs:
 ``OrtAwakerSession`` (ONNX Runtime: CPU, CUDA or CANN execution provider; IOBinding keeps the KV cache in ORT's
 own buffers between steps) and ``export.om.OmAwakerSession`` (Ascend OM through ais_bench, with gear padding).
+MoE-LLaVA's runtimes (the same split) are in export/moe_llava_onnx.py and export/om.py (``OmMoeLlavaSession``).
 
     from export.runtime import OrtAwakerSession
     s = OrtAwakerSession("out/awaker-tiny-onnx")
@@ -174,10 +175,47 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None, 
     return sess
 
 
+# ops a router's logits may pass through on their way to the TopK that picks the experts
+_ROUTER_PATH_OPS = {"Softmax", "LogSoftmax", "Sigmoid", "Cast", "Identity", "Reshape", "Add", "Sub", "Mul", "Div"}
+
+
+def router_nodes(graph, max_hops: int = 4) -> list[str]:
+    """Names of the decoder's router MatMul/Gemm nodes, which int8 must leave alone.
+
+    Two ways to be one: a traced name with "router" in it (Awaker's modules are named so), or a MatMul/Gemm with a
+    constant weight whose output reaches a TopK within ``max_hops`` nodes through softmax/cast/elementwise ops only
+    (MoE-LLaVA's gate: MatMul [hidden, num_experts] -> Softmax -> TopK, traced as /model/layers.i/mlp/MatMul)."""
+    consts = {i.name for i in graph.initializer}
+    consts |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def reaches_topk(name: str) -> bool:
+        frontier = [name]
+        for _ in range(max_hops):
+            nxt = []
+            for t in frontier:
+                for c in consumers.get(t, []):
+                    if c.op_type == "TopK" and c.input[0] == t:
+                        return True
+                    if c.op_type in _ROUTER_PATH_OPS:
+                        nxt.extend(c.output)
+            frontier = nxt
+        return False
+
+    return [n.name for n in graph.node
+            if "router" in n.name
+            or (n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in consts
+                and reaches_topk(n.output[0]))]
+
+
 def quantize_decoder(folder: Path, contract: dict, log=print) -> Path:
     """Dynamic int8 (weights int8, activations quantised per call) of the decoder's MatMuls, the routers excepted
-    (a flipped top-1 expert changes a whole request). Cached as decoder.int8.onnx in the folder, or in the temp
-    directory when the folder is read-only."""
+    (router_nodes: a flipped expert changes a whole request for Awaker, a token's FFN for MoE-LLaVA, where exactly
+    one router per MoE layer must be found or nothing is quantised). Cached as decoder.int8.onnx in the folder, or
+    in the temp directory when the folder is read-only."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -193,7 +231,13 @@ def quantize_decoder(folder: Path, contract: dict, log=print) -> Path:
         if dst.is_file() and tag.is_file() and tag.read_text() == stamp:
             return dst
     proto = onnx.load(str(src), load_external_data=False)
-    exclude = [n.name for n in proto.graph.node if "router" in n.name]
+    exclude = router_nodes(proto.graph)
+    moe = contract.get("moe")
+    if moe and moe.get("layers"):
+        # MoE-LLaVA: exactly one router MatMul per MoE layer, or int8 would flip experts unnoticed
+        if len(exclude) != len(moe["layers"]):
+            raise ValueError(f"found {len(exclude)} router MatMuls feeding a TopK in {src.name}, expected one per MoE "
+                             f"layer ({len(moe['layers'])}): refusing to quantise (int8 routers would flip experts)")
     large = entry.get("external_data") is not None
     del proto
     for dst in candidates:
@@ -298,9 +342,9 @@ def _open_session(args):
                              "--moe-routing deepspeed is PyTorch-only")
         return open_ort_session(folder, provider=args.provider, quantize=args.quantize,
                                 max_context=args.max_context, log=lambda m: print(m, file=sys.stderr))
-    from export.om import OmAwakerSession
+    from export.om import open_om_session
 
-    return OmAwakerSession.open(folder, device_id=_device_id(args.device))
+    return open_om_session(folder, device_id=_device_id(args.device))
 
 
 def _device_id(spec: str) -> int:
