@@ -13,6 +13,17 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+class NoTokenizer:
+    """Benchmarks feed token ids directly: generation's text decoding is a no-op."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+class NoProcessor:
+    tokenizer = NoTokenizer()
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 

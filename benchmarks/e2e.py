@@ -19,22 +19,13 @@ from pathlib import Path
 import torch
 
 from ascend.device import resolve_device
-from benchmarks.common import RESULTS, environment, median, read_bandwidth_gbs, write_results
+from benchmarks.common import RESULTS, NoProcessor, environment, median, read_bandwidth_gbs, write_results
 from model.config import AdapterConfig, awaker_7b_width
 from model.generate import GenerationConfig, generate
 from model.inputs import collate
 from model.loader import build_model
 from model.session import AwakerSession
 from model.tiny import init_random_weights
-
-
-class _NoText:
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
-
-
-class _NoProcessor:
-    tokenizer = _NoText()
 
 
 def build_ours(cfg, device):
@@ -149,7 +140,7 @@ def main(argv=None) -> int:
     print(f"building 7B-width model ({args.layers} layers, r={args.rank}) ...", flush=True)
     ours = build_ours(cfg, device)
     hf = build_baseline(ours)
-    session = AwakerSession(ours, _NoProcessor(), device)
+    session = AwakerSession(ours, NoProcessor(), device)
     batch = make_request(cfg)
     bw = read_bandwidth_gbs()
     run_ours(session, batch, 3)  # warm-up both

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ascend.device import resolve_device
+from benchmarks.common import NoProcessor
 from kernels import get_kernels
 from model.generate import GenerationConfig, generate
 from model.moe_llava_config import moellava_phi2_width
@@ -29,19 +30,10 @@ from model.moe_llava_session import MoeLlavaSession
 RESULTS = Path(__file__).parent / "results"
 
 
-class _NoTokenizer:
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
-
-
-class _NoProcessor:
-    tokenizer = _NoTokenizer()
-
-
 def build_ours(cfg, device):
     model = random_model(cfg, seed=0, dtype=torch.float32, device=device.torch_device)
     model.set_kernels(get_kernels(device.kernel_backend))
-    s = MoeLlavaSession(model, _NoProcessor(), device)
+    s = MoeLlavaSession(model, NoProcessor(), device)
     s.eos_token_ids = {-1}  # the benchmark needs exactly n tokens
     return s
 
