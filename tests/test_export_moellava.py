@@ -203,6 +203,19 @@ def test_int8_decoder_quantises_the_experts_but_not_the_routers(onnx_dir):
     assert [64, 512] in int8_shapes and len(by_op["TopK"]) == 2
 
 
+def test_int8_is_refused_unless_one_router_per_moe_layer_is_found(onnx_dir, tmp_path):
+    import shutil
+
+    from export.runtime import quantize_decoder
+
+    shutil.copy(onnx_dir / "decoder.onnx", tmp_path / "decoder.onnx")
+    contract = read_contract(onnx_dir)
+    contract["moe"]["layers"] = [0, 1, 2]  # a third MoE layer whose router the graph does not have
+    with pytest.raises(ValueError, match="found 2 router MatMuls .* expected one per MoE layer \\(3\\)"):
+        quantize_decoder(tmp_path, contract, **QUIET)
+    assert not (tmp_path / "decoder.int8.onnx").exists()
+
+
 def test_int8_keeps_the_expert_choices_and_the_first_tokens(torch_session, onnx_dir):
     from export.moe_llava_onnx import int8_agreement, sample_batch
 
