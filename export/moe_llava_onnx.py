@@ -27,7 +27,7 @@ from torch import nn
 
 from export.onnx_export import (_TORCH_TO_ONNX, ConcatCache, ExportError, GraphSpec, TensorSpec, embed_with_images,
                                 read_contract)
-from export.runtime import keep_mask, make_session
+from export.runtime import make_session, run_decoder_iobinding
 from model.moe_llava_config import IMAGE_TOKEN_INDEX
 from model.session import SessionBase
 
@@ -327,22 +327,8 @@ class OrtMoeLlavaSession(ExportedMoeLlavaSession):
 
     def _decoder(self, embeds, positions, past, valid_past, valid_new):
         """-> (logits np [B, V], moe_experts np [L_moe, B, T, k] | None, present KV as OrtValues)."""
-        io = self.decoder.io_binding()
-        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
-        io.bind_cpu_input("attention_keep", keep_mask(valid_past, valid_new))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-        for i, value in enumerate(past):
-            name = f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}"
-            if isinstance(value, np.ndarray):
-                io.bind_cpu_input(name, value)
-            else:
-                io.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            io.bind_output(name, self.kv_device if name.startswith("present.") else "cpu")
-        self.decoder.run_with_iobinding(io)
-        outs = dict(zip(self.output_names, io.get_outputs()))
+        outs, present = run_decoder_iobinding(self, embeds, positions, past, valid_past, valid_new, {})
         experts = outs["moe_experts"].numpy() if "moe_experts" in outs else None
-        present = [outs[f"present.{i // 2}.{'key' if i % 2 == 0 else 'value'}"] for i in range(2 * self.cfg.num_layers)]
         return outs["logits"].numpy(), experts, present
 
 

@@ -300,25 +300,34 @@ class OrtAwakerSession(ExportedAwakerSession):
         return [np.zeros(shape, self.np_dtype) for _ in range(2 * self.num_layers)]
 
     def _decoder(self, embeds, positions, router_input, past, valid_past, valid_new):
-        io = self.decoder.io_binding()
-        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
-        io.bind_cpu_input("attention_keep", keep_mask(valid_past, valid_new))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-        if self.has_router:
-            io.bind_cpu_input("router_input", np.ascontiguousarray(router_input, dtype=np.float32))
-        for i, value in enumerate(past):
-            name = f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}"
-            if isinstance(value, np.ndarray):
-                io.bind_cpu_input(name, value)
-            else:
-                io.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            io.bind_output(name, self.kv_device if name.startswith("present.") else "cpu")
-        self.decoder.run_with_iobinding(io)
-        outs = dict(zip(self.output_names, io.get_outputs()))
+        extra = {"router_input": np.ascontiguousarray(router_input, dtype=np.float32)} if self.has_router else {}
+        outs, present = run_decoder_iobinding(self, embeds, positions, past, valid_past, valid_new, extra)
         routing = (outs["router_expert"].numpy(), outs["router_p"].numpy()) if self.has_router else None
-        present = [outs[f"present.{i // 2}.{'key' if i % 2 == 0 else 'value'}"] for i in range(2 * self.num_layers)]
         return outs["logits"].numpy(), routing, present
+
+
+def run_decoder_iobinding(sess, embeds, positions, past, valid_past, valid_new, extra_inputs: dict):
+    """One decoder step through IOBinding, shared by the families' ORT sessions: host inputs bound as they are,
+    the previous step's KV outputs bound without a copy, KV outputs left where the provider computed them.
+    -> (outputs by name as OrtValues, present KV list)."""
+    io = sess.decoder.io_binding()
+    io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+    io.bind_cpu_input("attention_keep", keep_mask(valid_past, valid_new))
+    io.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+    for name, value in extra_inputs.items():
+        io.bind_cpu_input(name, value)
+    for i, value in enumerate(past):
+        name = f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}"
+        if isinstance(value, np.ndarray):
+            io.bind_cpu_input(name, value)
+        else:
+            io.bind_ortvalue_input(name, value)
+    for name in sess.output_names:
+        io.bind_output(name, sess.kv_device if name.startswith("present.") else "cpu")
+    sess.decoder.run_with_iobinding(io)
+    outs = dict(zip(sess.output_names, io.get_outputs()))
+    present = [outs[f"present.{i // 2}.{'key' if i % 2 == 0 else 'value'}"] for i in range(len(past))]
+    return outs, present
 
 
 # ---------------------------------------------------------------------------------------------- CLI
