@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from export.onnx_export import (_TORCH_TO_ONNX, ConcatCache, ExportError, GraphSpec, TensorSpec, embed_with_images,
-                                read_contract)
+                                kv_cache_specs, read_contract)
 from export.runtime import make_session, run_decoder_iobinding
 from model.moe_llava_config import IMAGE_TOKEN_INDEX
 from model.session import SessionBase
@@ -125,13 +125,8 @@ class MoeLlavaOnnxBuilder:
             [TensorSpec("inputs_embeds", dname, ["batch", "seq", h])]))
         # decoder: batch 2, seq 3 on a past of 4 (distinct sizes so the tracer cannot confuse the axes)
         b, t, p = 2, 3, 4
-        kv, hd = cfg.num_kv_heads, cfg.head_dim
-        past, past_specs, present_specs = [], [], []
-        for i in range(cfg.num_layers):
-            for kind in ("key", "value"):
-                past.append(torch.randn(b, kv, p, hd, dtype=dt))
-                past_specs.append(TensorSpec(f"past_key_values.{i}.{kind}", dname, ["batch", kv, "past_seq", hd]))
-                present_specs.append(TensorSpec(f"present.{i}.{kind}", dname, ["batch", kv, "total_seq", hd]))
+        past, past_specs, present_specs = kv_cache_specs(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, b, p, dt,
+                                                         dname)
         keep = torch.ones(b, 1, t, p + t, dtype=torch.bool).tril(diagonal=p)
         experts = ([TensorSpec("moe_experts", "int64", [len(m.moe_layer_indices), "batch", "seq", cfg.top_k])]
                    if m.moe_layer_indices else [])
@@ -382,7 +377,7 @@ def validate_moe_llava(folder: Path, session, tokens: int = 8, log=print) -> dic
     """Each graph in ONNX Runtime (CPU EP) against the PyTorch model on the same inputs, the experts every token
     chose, then greedy generation (export.validate.validate_export runs the checker and ATC check first)."""
     from export.onnx_export import TOLERANCE
-    from export.validate import ValidationError, _errors, greedy_tokens
+    from export.validate import ValidationError, _errors, check_decode_and_greedy
 
     contract = read_contract(folder)
     tol = TOLERANCE[contract["dtype"]]
@@ -408,12 +403,5 @@ def validate_moe_llava(folder: Path, session, tokens: int = 8, log=print) -> dic
             raise ValidationError(f"expert choices differ: PyTorch {want} vs ONNX Runtime {have}")
     else:
         log("  expert choices (per token, top-2): equal")
-    tok = ref.argmax(-1)
-    _errors("decoder.decode_logits", ort.decode(tok), session.decode(tok), tol, log, errs)
-    want, got = greedy_tokens(session, batch, tokens), greedy_tokens(ort, batch, tokens)
-    report["greedy"] = {"tokens": tokens, "batch": batch.batch_size, "equal": want == got}
-    if want != got:
-        raise ValidationError(f"greedy generation differs: PyTorch {want} vs ONNX Runtime {got}")
-    log(f"  greedy generation ({batch.batch_size} requests x {tokens} tokens): equal to PyTorch")
-    return report
+    return check_decode_and_greedy(session, ort, batch, ref, tokens, tol, log, errs, report)
 

@@ -107,6 +107,18 @@ class AwakerVisionGraph(nn.Module):
         return self.model.encode_images(patches, vision_pos, vision_keep)
 
 
+def kv_cache_specs(layers: int, kv_heads: int, head_dim: int, batch: int, past: int, dtype, dname: str):
+    """Example past KV tensors and the past/present specs of a decoder graph (shared by the families)."""
+    tensors, past_specs, present_specs = [], [], []
+    for i in range(layers):
+        for kind in ("key", "value"):
+            tensors.append(torch.randn(batch, kv_heads, past, head_dim, dtype=dtype))
+            past_specs.append(TensorSpec(f"past_key_values.{i}.{kind}", dname, ["batch", kv_heads, "past_seq",
+                                                                                head_dim]))
+            present_specs.append(TensorSpec(f"present.{i}.{kind}", dname, ["batch", kv_heads, "total_seq", head_dim]))
+    return tensors, past_specs, present_specs
+
+
 def embed_with_images(embed_tokens: nn.Embedding, input_ids, image_features, image_mask):
     """model.embed without masked_scatter (NonZero/ScatterND in ONNX): the k-th image-pad position (row-major over
     the batch) takes row k of image_features, found by a CumSum over the mask and a Gather from the features with a
@@ -237,13 +249,8 @@ class AwakerOnnxBuilder:
              TensorSpec("router_input", "float32", ["batch", h])]))
         # decoder: batch 2, seq 3 on a past of 4 (distinct sizes so the tracer cannot confuse the axes)
         b, t, p = 2, 3, 4
-        kv, hd = cfg.num_kv_heads, cfg.head_dim
-        past, past_specs, present_specs = [], [], []
-        for i in range(cfg.num_layers):
-            for kind in ("key", "value"):
-                past.append(torch.randn(b, kv, p, hd, dtype=dt))
-                past_specs.append(TensorSpec(f"past_key_values.{i}.{kind}", dname, ["batch", kv, "past_seq", hd]))
-                present_specs.append(TensorSpec(f"present.{i}.{kind}", dname, ["batch", kv, "total_seq", hd]))
+        past, past_specs, present_specs = kv_cache_specs(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, b, p, dt,
+                                                         dname)
         keep = torch.ones(b, 1, t, p + t, dtype=torch.bool).tril(diagonal=p)
         routing_in = [TensorSpec("router_input", "float32", ["batch", h])] if m.has_adapters else []
         routing_out = ([TensorSpec("router_expert", "int64", [cfg.num_layers, 2, "batch"]),

@@ -110,7 +110,13 @@ def validate_export(folder: Path, session, tokens: int = 8, log=print) -> dict:
             raise ValidationError(f"router decisions differ: PyTorch {want.tolist()} vs ONNX Runtime "
                                   f"{ort.last_routing[0].tolist()}")
         log("  router decisions: equal")
-    tok = ref.argmax(-1)
+    return check_decode_and_greedy(session, ort, batch, ref, tokens, tol, log, errs, report)
+
+
+def check_decode_and_greedy(session, ort, batch, prefill_ref, tokens, tol, log, errs, report) -> dict:
+    """The end of every family's validation: one decode step's logits within the bound, then a whole greedy
+    generation through the graphs equal to PyTorch's."""
+    tok = prefill_ref.argmax(-1)
     _errors("decoder.decode_logits", ort.decode(tok), session.decode(tok), tol, log, errs)
     want, got = greedy_tokens(session, batch, tokens), greedy_tokens(ort, batch, tokens)
     report["greedy"] = {"tokens": tokens, "batch": batch.batch_size, "equal": want == got}
