@@ -110,7 +110,7 @@ class MoeLlavaOnnxBuilder:
         cfg, m = self.cfg, self.model
         dt = m.lm_head.weight.dtype
         dname = _TORCH_TO_ONNX[dt]
-        h, v, s = cfg.hidden_size, cfg.vision, cfg.vision.image_size
+        h, s = cfg.hidden_size, cfg.vision.image_size
         specs = [GraphSpec(
             "vision", MoeLlavaVisionGraph(m), (torch.randn(2, 3, s, s),),
             [TensorSpec("pixel_values", "float32", ["num_images", 3, s, s])],
