@@ -180,14 +180,15 @@ def load_awaker(spec: str | Path, device, dtype: torch.dtype | None = None, base
 
     dtype = dtype or device.dtype
     if str(spec) in PRESETS:
+        if str(spec) != "awaker-tiny":
+            raise NotImplementedError(f"preset {spec} has random weights and no tokenizer: it exists for the "
+                                      "benchmarks (model.config.PRESETS); run a checkpoint folder instead")
         cfg = PRESETS[str(spec)]()
         model = build_model(cfg).to_empty(device="cpu")
         init_random_weights(model, seed)
         model.init_buffers()
         model = model.to(device=device.torch_device, dtype=dtype)
         model.init_buffers()
-        if str(spec) != "awaker-tiny":
-            raise NotImplementedError(f"preset {spec} has random weights and no tokenizer; use it for benchmarks")
         return model, AwakerProcessor.from_folder(TINY_TOKENIZER, cfg)
     folder = Path(spec)
     if not folder.is_dir():
