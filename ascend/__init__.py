@@ -15,8 +15,8 @@ import os
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
-from ascend.errors import DeviceError  # noqa: E402
-from ascend.device import (  # noqa: E402
+from moevl.ascend.errors import DeviceError  # noqa: E402
+from moevl.ascend.device import (  # noqa: E402
     CpuDevice,
     CudaDevice,
     Device,
@@ -26,7 +26,7 @@ from ascend.device import (  # noqa: E402
     parse_dtype,
     resolve_device,
 )
-from ascend.npu_probe import NpuProbe, probe_npu, strict_npu  # noqa: E402
+from moevl.ascend.npu_probe import NpuProbe, probe_npu, strict_npu  # noqa: E402
 
 __all__ = [
     "CpuDevice",

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ascend.doctor import exit_code, format_report, report_dict, run_checks
-from ascend.info import collect_info, format_info
+from moevl.ascend.doctor import exit_code, format_report, report_dict, run_checks
+from moevl.ascend.info import collect_info, format_info
 
 
 def run_info(args: argparse.Namespace) -> int:

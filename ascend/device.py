@@ -8,6 +8,8 @@ dtype rules of a 910B or 310P, so NPU code paths (and the 310P's lack of bf16) c
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import platform
 import re
@@ -17,8 +19,10 @@ import time
 
 import torch
 
-from ascend import npu_probe
-from ascend.errors import DeviceError
+from moevl.ascend import npu_probe
+from moevl.ascend.errors import DeviceError
+
+ACL_FORMAT_FRACTAL_NZ = 29  # torch_npu.npu_format_cast's id of the FRACTAL_NZ layout
 
 VALID_SPECS = (
     "auto",
@@ -138,6 +142,9 @@ class Device:
     kind: str = ""
     kernel_backend: str = ""
     emulated: bool = False
+    # strict NPU mode (``moevl.load(strict_npu=...)``): every hot op must be the device's own kernel, and on the
+    # emulation each step runs under NpuStrictGuard. Only NPU devices accept it (set_strict).
+    strict: bool = False
 
     def __init__(
         self,
@@ -150,7 +157,7 @@ class Device:
         self.index = torch_device.index
         self.chip = chip
         self.chip_family = chip_family
-        self.dtype = self._check_dtype(self.preferred_dtype() if dtype is None else parse_dtype(dtype))
+        self.dtype = self.check_dtype(self.preferred_dtype() if dtype is None else dtype)
 
     # --- facts -------------------------------------------------------------------------------------------------
     @property
@@ -160,7 +167,9 @@ class Device:
     def preferred_dtype(self) -> torch.dtype:
         return torch.float32
 
-    def _check_dtype(self, dtype: torch.dtype) -> torch.dtype:
+    def check_dtype(self, dtype: str | torch.dtype) -> torch.dtype:
+        """A dtype this device can run (any common spelling), or a DeviceError that says which to use."""
+        dtype = parse_dtype(dtype)
         if dtype == torch.bfloat16 and not self.supports_bf16:
             if self.chip_family == "310P":
                 raise DeviceError(_NO_BF16_ON_310P.format(chip=self.chip))
@@ -177,6 +186,21 @@ class Device:
             return None
 
     # --- behaviour ---------------------------------------------------------------------------------------------
+    def set_strict(self, strict: bool) -> None:
+        if strict:
+            raise ValueError(f"--strict-npu applies to NPU devices only, not {self.kind}")
+
+    def prepare_model(self, model) -> None:
+        """Put a loaded model's weights in the layout this device's kernels want (nothing on CPU/CUDA)."""
+
+    def step_guard(self, host_sync_ok: bool):
+        """A context each prefill (host_sync_ok) / decode step runs under: checks of what a step may do."""
+        return contextlib.nullcontext()
+
+    def compile_step(self, fn):
+        """``fn`` compiled for this device's graph mode (``--compile``)."""
+        raise ValueError(f"--compile applies to NPU devices only, not {self.kind}")
+
     def _event_module(self):
         """torch.cuda / torch.npu for devices with timing events; None times on the host clock."""
         return None
@@ -223,7 +247,35 @@ class CpuDevice(Device):
         super().__init__(torch.device("cpu"), cpu_model_name(), None, dtype)
 
 
-class EmulatedNpuDevice(Device):
+class _NpuBehaviour:
+    """What real and emulated NPUs share: strict mode, the 310P weight layout. Mixed into both Device classes."""
+
+    def set_strict(self, strict: bool) -> None:
+        self.strict = bool(strict)
+
+    def torch_npu(self):
+        """The provider of the torch_npu functions (the real module, or the emulation on npu-emulated)."""
+        raise NotImplementedError
+
+    def prepare_model(self, model) -> None:
+        if self.chip_family == "310P":
+            cast_weights_nz(model, self.torch_npu())
+
+
+def cast_weights_nz(model, tnpu) -> int:
+    """310P: cast every 2-D linear weight to FRACTAL_NZ once (vllm-ascend's 310P practice). -> number cast."""
+    count = 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Embedding) or not isinstance(w, torch.nn.Parameter) or w.dim() != 2:
+            continue
+        if isinstance(module, torch.nn.Linear) or hasattr(module, "in_features"):
+            w.data = tnpu.npu_format_cast(w.data, ACL_FORMAT_FRACTAL_NZ)
+            count += 1
+    return count
+
+
+class EmulatedNpuDevice(_NpuBehaviour, Device):
     """Runs on the CPU with an Ascend chip's dtype rules, for testing NPU code paths without an NPU."""
 
     kind = "npu-emulated"
@@ -243,6 +295,36 @@ class EmulatedNpuDevice(Device):
     def preferred_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.supports_bf16 else torch.float16
 
+    def torch_npu(self):
+        """One emulation per device: it tracks tensor formats (FRACTAL_NZ) across the kernels and the weights."""
+        if getattr(self, "_tnpu", None) is None:
+            from moevl.ascend.npu_emulation import EmulatedTorchNpu
+
+            self._tnpu = EmulatedTorchNpu(self.chip_family)
+        return self._tnpu
+
+    def step_guard(self, host_sync_ok: bool):
+        """Strict emulation: no float64, no Conv3d, and (decode) no host synchronisation inside a step."""
+        if not self.strict:
+            return contextlib.nullcontext()
+        from moevl.ascend.npu_emulation import NpuStrictGuard
+
+        return NpuStrictGuard(host_sync_ok=host_sync_ok)
+
+    def compile_step(self, fn):
+        _torchair()  # says what is missing when TorchAir cannot be imported
+        raise DeviceError(f"--compile (TorchAir) needs a real NPU, not {self.kind}")
+
+
+def _torchair():
+    try:
+        importlib.import_module("torch_npu")
+        return importlib.import_module("torchair")
+    except (ImportError, OSError, RuntimeError) as exc:
+        raise DeviceError(
+            f"--compile uses TorchAir graph mode, which ships inside torch-npu, but it cannot be imported here "
+            f"({type(exc).__name__}: {exc}). Run on an Ascend host with the CANN toolkit sourced and "
+            "`pip install 'moevl-ascend[npu]'`, or drop --compile") from exc
 
 
 class _AcceleratorDevice(Device):
@@ -297,7 +379,7 @@ class CudaDevice(_AcceleratorDevice):
         return torch.bfloat16 if self.supports_bf16 else torch.float16
 
 
-class NpuDevice(_AcceleratorDevice):
+class NpuDevice(_NpuBehaviour, _AcceleratorDevice):
     kind = "npu"
     kernel_backend = "npu"
 
@@ -329,6 +411,21 @@ class NpuDevice(_AcceleratorDevice):
 
     def preferred_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.supports_bf16 else torch.float16
+
+    def torch_npu(self):
+        return importlib.import_module("torch_npu")
+
+    def set_strict(self, strict: bool) -> None:
+        super().set_strict(strict)
+        if strict:  # the real NPU's own check: an op falling back to the CPU is an error
+            npu_probe.strict_npu(True)
+
+    def compile_step(self, fn):
+        """TorchAir graph mode (not verified on hardware): written from TorchAir's documented usage
+        ``torch.compile(m, backend=torchair.get_npu_backend(compiler_config=torchair.CompilerConfig()))``."""
+        torchair = _torchair()
+        backend = torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
+        return torch.compile(fn, backend=backend, dynamic=False)
 
 
 _SPEC = re.compile(r"^(auto|cpu|cuda|npu|npu-emulated)(?::([A-Za-z0-9]+))?$")

@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ascend import npu_probe
-from ascend.device import chip_family_of
-from ascend.host import (
+from moevl.ascend import npu_probe
+from moevl.ascend.device import chip_family_of
+from moevl.ascend.host import (
     DRIVER_VERSION_FILE,
     Host,
     run_command,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ascend import npu_probe
+from moevl.ascend import npu_probe
 
 TOOLKIT_CANDIDATES = (
     "/usr/local/Ascend/ascend-toolkit/latest",  # CANN <= 8.3 default install (and the ascendai/cann images)

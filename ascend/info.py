@@ -7,10 +7,10 @@ import sys
 
 import torch
 
-from ascend import npu_probe
-from ascend.device import cpu_model_name, resolve_device
-from ascend.errors import DeviceError
-from ascend.host import Host, find_toolkit, parse_npu_smi
+from moevl.ascend import npu_probe
+from moevl.ascend.device import cpu_model_name, resolve_device
+from moevl.ascend.errors import DeviceError
+from moevl.ascend.host import Host, find_toolkit, parse_npu_smi
 
 
 def _cuda_devices() -> list[dict]:

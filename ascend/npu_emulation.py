@@ -28,7 +28,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from ascend.npu_schema import kit_schemas
+from moevl.ascend.npu_schema import kit_schemas
 
 ACL_FORMAT_ND = 2
 ACL_FORMAT_FRACTAL_NZ = 29

@@ -1,2 +1,1 @@
 """Benchmarks (not tests): each writes JSON + markdown to benchmarks/results/ with the command that made it."""
-import ascend  # noqa: F401

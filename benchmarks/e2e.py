@@ -18,21 +18,21 @@ from pathlib import Path
 
 import torch
 
-from ascend.device import resolve_device
-from benchmarks.common import RESULTS, NoProcessor, environment, median, read_bandwidth_gbs, write_results
-from model.config import AdapterConfig, awaker_7b_width
-from model.generate import GenerationConfig, generate
-from model.inputs import collate
-from model.loader import build_model
-from model.session import AwakerSession
-from model.tiny import init_random_weights
+from moevl.ascend.device import resolve_device
+from moevl.benchmarks.common import RESULTS, NoProcessor, environment, median, read_bandwidth_gbs, write_results
+from moevl.model.awaker.config import AdapterConfig, awaker_7b_width
+from moevl.model.generate import GenerationConfig, generate
+from moevl.model.awaker.inputs import collate
+from moevl.model.awaker.checkpoint import build_model
+from moevl.model.awaker.session import AwakerSession
+from moevl.model.awaker.tiny import init_random_weights
 
 
 def build_ours(cfg, device):
     model = build_model(cfg).to_empty(device="cpu")
     init_random_weights(model, seed=0)
     model.init_buffers()
-    from kernels import get_kernels
+    from moevl.kernels import get_kernels
 
     model.set_kernels(get_kernels(device.kernel_backend))
     return model

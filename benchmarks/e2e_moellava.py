@@ -3,7 +3,7 @@
 Issue 6 §5: Phi-2 width (hidden 2560, MLP 10240, 32 heads, vocab 51200), 4 decoder layers with MoE on 0 and 2, a
 CLIP-L/336-width tower (2 layers run by both sides), one 336x336 image (576 tokens) + ~40 text tokens, 32 greedy
 tokens, fp32. The baseline is transformers' Phi + CLIPVisionModel + the same projector, expert 0 of each MoE layer
-as its dense FFN, driven by ``generate``; ours is ``model.generate`` on a MoeLlavaSession. Rounds alternate,
+as its dense FFN, driven by ``generate``; ours is ``moevl.model.generate`` on a MoeLlavaSession. Rounds alternate,
 medians are reported. This is a benchmark, not a test: run ``python -m benchmarks.e2e_moellava``.
 """
 from __future__ import annotations
@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from ascend.device import resolve_device
-from benchmarks.common import NoProcessor
-from kernels import get_kernels
-from model.generate import GenerationConfig, generate
-from model.moe_llava_config import moellava_phi2_width
-from model.moe_llava_inputs import collate
-from model.moe_llava_loader import random_model
-from model.moe_llava_session import MoeLlavaSession
+from moevl.ascend.device import resolve_device
+from moevl.benchmarks.common import NoProcessor
+from moevl.kernels import get_kernels
+from moevl.model.generate import GenerationConfig, generate
+from moevl.model.moe_llava.config import moellava_phi2_width
+from moevl.model.moe_llava.inputs import collate
+from moevl.model.moe_llava.checkpoint import random_model
+from moevl.model.moe_llava.session import MoeLlavaSession
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import fast, moe, reference
+from moevl.kernels import cpu, moe, reference
+from moevl.kernels import export as kexport
 
 HIDDEN, MLP, RANK, TASK_EXPERTS = 3584, 18944, 256, 4
 AWAKER_LINEARS = {"o_proj": (HIDDEN, HIDDEN), "gate_proj": (HIDDEN, MLP), "up_proj": (HIDDEN, MLP),
@@ -77,22 +78,22 @@ def bench_awaker(configs, repeats, device, dtype, esize):
         scales = torch.stack([p * p * 2.0, (1 - p) * 2.0], 1)
         xs = {n: torch.randn(batch, t, d_in, device=device, dtype=dtype) for n, (d_in, _) in AWAKER_LINEARS.items()}
         ref_plans = {n: reference.lora_moe_prepare(A, B, expert, scales) for n, (_, A, B) in layer.items()}
-        fast_plans = {n: fast.lora_moe_prepare(A, B, expert, scales) for n, (_, A, B) in layer.items()}
+        fast_plans = {n: cpu.lora_moe_prepare(A, B, expert, scales) for n, (_, A, B) in layer.items()}
         fns = {
             "base": lambda: [F.linear(xs[n], layer[n][0]) for n in layer],
             "reference": lambda: [reference.lora_moe_linear(xs[n], layer[n][0], None, ref_plans[n]) for n in layer],
-            "fast": lambda: [fast.lora_moe_linear(xs[n], layer[n][0], None, fast_plans[n]) for n in layer],
+            "fast": lambda: [cpu.lora_moe_linear(xs[n], layer[n][0], None, fast_plans[n]) for n in layer],
         }
         merged_plans = None
         if batch == 1:  # merging pays only for single requests (should_merge); batch 4 would need 4 private copies
-            merged_plans = {n: fast.lora_moe_prepare_merged(A, B, expert, scales) for n, (_, A, B) in layer.items()}
+            merged_plans = {n: cpu.lora_moe_prepare_merged(A, B, expert, scales) for n, (_, A, B) in layer.items()}
             _sync(device)
             t0 = time.perf_counter()
             for n in layer:
-                merged_plans[n].merged.append(fast.merge_lora_plan(layer[n][0], merged_plans[n]))
+                merged_plans[n].merged.append(cpu.merge_lora_plan(layer[n][0], merged_plans[n]))
             _sync(device)
             merge_s = time.perf_counter() - t0
-            fns["merged"] = lambda: [fast.lora_moe_linear(xs[n], layer[n][0], None, merged_plans[n]) for n in layer]
+            fns["merged"] = lambda: [cpu.lora_moe_linear(xs[n], layer[n][0], None, merged_plans[n]) for n in layer]
         med = timed(fns, repeats(t, batch), device)
         row = {"model": "awaker-7b-layer", "T": t, "batch": batch, **{f"{k}_ms": v * 1e3 for k, v in med.items()}}
         row["fast_over_base"] = med["fast"] / med["base"]
@@ -122,7 +123,7 @@ def bench_awaker(configs, repeats, device, dtype, esize):
         flops = 2 * big["T"] * big["batch"] * w_elems / (big["base_ms"] / 1e3)
         merge["gemm_flops_per_s"] = flops
         merge["model_break_even_tokens"] = sum(
-            fast.merge_break_even_tokens(1, d_in, d_out, RANK, dtype_bytes=esize,
+            cpu.merge_break_even_tokens(1, d_in, d_out, RANK, dtype_bytes=esize,
                                          read_bw=merge["base_gemv_bytes_per_s"], flops=flops)
             * (2 * RANK * (d_in + d_out))  # weight each linear's break-even by its per-step saving
             for d_in, d_out in AWAKER_LINEARS.values()) / lora_elems
@@ -207,7 +208,7 @@ def _markdown(res) -> str:
     if m:
         L += ["", f"Merged strategy (batch 1): merging the layer's four linears takes {m['merge_ms']:.0f} ms and saves "
               f"{m['step_saving_ms']:.2f} ms per decode step: break-even after {m['measured_break_even_tokens']:.0f} "
-              f"tokens measured, {m['model_break_even_tokens']:.0f} predicted by `kernels.fast.should_merge`'s cost "
+              f"tokens measured, {m['model_break_even_tokens']:.0f} predicted by `moevl.kernels.cpu.should_merge`'s cost "
               f"model with this run's rates ({m['base_gemv_bytes_per_s']/1e9:.1f} GB/s, "
               f"{m['gemm_flops_per_s']/1e9:.0f} GFLOP/s). Merged weights cost one private W per request (batch 4 not run)."]
     L += ["", "## MoE-LLaVA-Phi2: one top-2 MoE FFN (hidden 2560, FFN 10240, 4 experts)", "",

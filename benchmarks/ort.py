@@ -1,7 +1,7 @@
 """PyTorch eager vs ONNX Runtime fp32 vs ONNX Runtime int8 (dynamic) on the CPU, end to end through the exported
 graphs: ``python -m benchmarks.ort [--configs tiny,7b-width] [--out DIR]`` (also ``moevl bench ort``).
 
-Configurations: awaker-tiny, and Awaker at Qwen2-VL-7B width with 2 decoder layers (model.config.awaker_7b_width;
+Configurations: awaker-tiny, and Awaker at Qwen2-VL-7B width with 2 decoder layers (moevl.model.awaker.config.awaker_7b_width;
 random weights, no tokenizer: token ids are fed directly as a text-only chat). Per configuration and runtime: time
 to first token (embedding + decoder prefill of a prompt) and decode ms/token, medians over repeats, plus greedy-token
 agreement of int8 against ORT fp32 and of ORT fp32 against PyTorch. Writes <out>/ort-<device>.json and .md.
@@ -27,12 +27,12 @@ CONFIGS = ("tiny", "7b-width")
 
 
 def build_session(name: str):
-    from ascend.device import resolve_device
-    from kernels import get_kernels
-    from model.config import awaker_7b_width, awaker_tiny
-    from model.loader import build_model
-    from model.session import AwakerSession
-    from model.tiny import init_random_weights
+    from moevl.ascend.device import resolve_device
+    from moevl.kernels import get_kernels
+    from moevl.model.awaker.config import awaker_7b_width, awaker_tiny
+    from moevl.model.awaker.checkpoint import build_model
+    from moevl.model.awaker.session import AwakerSession
+    from moevl.model.awaker.tiny import init_random_weights
 
     cfg = awaker_tiny() if name == "tiny" else awaker_7b_width()
     model = build_model(cfg).to_empty(device="cpu")
@@ -44,7 +44,7 @@ def build_session(name: str):
 
 
 def prompt_batch(cfg, length: int):
-    from model.inputs import collate
+    from moevl.model.awaker.inputs import collate
 
     g = torch.Generator().manual_seed(0)
     words = torch.randint(10, min(cfg.vocab_size, 150000), (length,), generator=g).tolist()
@@ -84,8 +84,8 @@ def agreement(ref: list[int], got: list[int]) -> dict:
 
 
 def run_config(name: str, prompt_len: int, tokens: int, repeats: int, threads: int | None, log) -> dict:
-    from export.onnx_export import export_onnx
-    from export.runtime import OrtAwakerSession
+    from moevl.export.onnx import export_onnx
+    from moevl.export.session import open_ort
 
     torch.manual_seed(0)
     session = build_session(name)
@@ -104,12 +104,12 @@ def run_config(name: str, prompt_len: int, tokens: int, repeats: int, threads: i
         del session
         gc.collect()
         log(f"[{name}] exported in {res['export_s']} s; ONNX Runtime fp32")
-        ort = OrtAwakerSession(folder, threads=threads)
+        ort = open_ort(folder, threads=threads)
         res["ort_fp32"] = measure(ort, batch, tokens, repeats)
         del ort
         gc.collect()
         t0 = time.perf_counter()
-        ort8 = OrtAwakerSession(folder, quantize="int8", threads=threads)
+        ort8 = open_ort(folder, quantize="int8", threads=threads)
         res["quantize_s"] = round(time.perf_counter() - t0, 1)
         log(f"[{name}] int8 decoder in {res['quantize_s']} s; ONNX Runtime int8")
         res["ort_int8"] = measure(ort8, batch, tokens, repeats)
@@ -154,7 +154,7 @@ def _agree(a: dict, ref: str) -> str:
 def main(argv=None) -> int:
     import onnxruntime
 
-    from ascend.device import cpu_model_name
+    from moevl.ascend.device import cpu_model_name
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.ort", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

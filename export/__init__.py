@@ -1,2 +1,1 @@
 """Export to ONNX / Ascend OM and the runtimes that drive exported graphs."""
-import ascend  # noqa: F401

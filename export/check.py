@@ -92,7 +92,7 @@ def _all_nodes(graph):
 
 def check_onnx_dir(folder) -> CheckReport:
     """Check every graph of an export folder (the contract's graphs; any *.onnx without a contract)."""
-    from export.onnx_export import CONTRACT, read_contract
+    from moevl.export.graph import CONTRACT, read_contract
 
     folder = Path(folder)
     table = load_table()

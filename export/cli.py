@@ -1,4 +1,4 @@
-"""``moevl export onnx | check | om``: a thin layer over export.onnx_export, export.check and export.om."""
+"""``moevl export onnx | check | om``: a thin layer over moevl.export.onnx, .check and .om."""
 from __future__ import annotations
 
 import json
@@ -6,15 +6,13 @@ import sys
 
 
 def _clean_errors(fn):
-    """Our own errors become one message and exit 1 (model.cli handles ValueError/FileExistsError itself)."""
+    """Our own errors become one message and exit 1 (moevl.cli handles ValueError/FileExistsError itself)."""
     import functools
 
     @functools.wraps(fn)
     def wrapped(args):
-        from export.om import GearError
-        from export.onnx_export import ExportError
-        from export.runtime import ProviderError
-        from export.validate import ValidationError
+        from moevl.export.graph import ExportError, GearError, ProviderError
+        from moevl.export.validate import ValidationError
 
         try:
             return fn(args)
@@ -26,7 +24,7 @@ def _clean_errors(fn):
 
 @_clean_errors
 def cmd_onnx(args) -> int:
-    from export.onnx_export import export_onnx
+    from moevl.export.onnx import export_onnx
 
     export_onnx(args.model, args.out, dtype=args.dtype, opset=args.opset, force=args.force,
                 validate=not args.no_validate, validate_tokens=args.validate_tokens,
@@ -37,7 +35,7 @@ def cmd_onnx(args) -> int:
 
 @_clean_errors
 def cmd_check(args) -> int:
-    from export.check import check_onnx_dir
+    from moevl.export.check import check_onnx_dir
 
     report = check_onnx_dir(args.dir)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
@@ -46,7 +44,7 @@ def cmd_check(args) -> int:
 
 @_clean_errors
 def cmd_om(args) -> int:
-    from export.om import build_om, parse_gears
+    from moevl.export.om import build_om, parse_gears
 
     result = build_om(args.onnx, args.out, soc=args.soc, precision=args.precision, gears=parse_gears(args.gears),
                       batch=args.batch, run_atc=not args.script_only, log=lambda m: print(m, file=sys.stderr))

@@ -31,23 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-from export.onnx_export import read_contract
-from export.moe_llava_onnx import ExportedMoeLlavaSession
-from export.runtime import ExportedAwakerSession, ProviderError, keep_mask
+from moevl.export.graph import GearError, ProviderError, builders_of, past_name, read_contract
 
 # vision: patches per call (Awaker); images: images per call (MoE-LLaVA, fixed image size)
 DEFAULT_GEARS = {"prefill": [64, 128, 256, 512], "decode": [128, 256, 512, 1024], "vision": [64, 256, 1024],
                  "images": [1, 2, 4]}
-FAMILIES = ("awaker", "moe-llava")
 PRECISIONS = ("origin", "fp16", "mixed_float16")
 OM_CONFIG = "om_config.json"
 # Ascend IR op types of RMSNorm (x * rsqrt(mean(x^2) + eps)) and of the router's softmax, kept in fp32 under
 # mixed_float16 (ATC --modify_mixlist takes Ascend IR OpTypes, not ONNX op types)
 FP32_OPS = ["Pow", "Square", "ReduceMean", "ReduceMeanD", "Sqrt", "Rsqrt", "RealDiv", "SoftmaxV2"]
-
-
-class GearError(ValueError):
-    """A call whose shapes fit no compiled gear."""
 
 
 @dataclasses.dataclass
@@ -107,10 +100,7 @@ def om_graphs(contract: dict, gears: dict, batch: int = 1) -> list[OmGraph]:
     for kind, values in gears.items():
         if not values or min(values) < 1:
             raise ValueError(f"{kind} gears must be positive sizes, got {values}")
-    if contract["family"] == "moe-llava":
-        graphs = _moe_llava_graphs(contract, gears, batch)
-    else:
-        graphs = _awaker_graphs(contract, gears, batch)
+    graphs = builders_of(contract["family"]).GraphIO(contract).om_graphs(gears, batch)
     for gr in graphs:
         if not 1 <= len(gr.gears) <= 100:
             raise ValueError(f"{gr.name}: ATC takes up to 100 --dynamic_dims profiles, this has {len(gr.gears)}; "
@@ -118,53 +108,7 @@ def om_graphs(contract: dict, gears: dict, batch: int = 1) -> list[OmGraph]:
     return graphs
 
 
-def _awaker_graphs(contract: dict, gears: dict, batch: int) -> list[OmGraph]:
-    cfg = contract["config"]
-    h, merge = cfg["hidden_size"], cfg["vision"]["spatial_merge_size"] ** 2
-    if any(v % merge for v in gears["vision"]):
-        raise ValueError(f"vision gears count patches and must be multiples of {merge} (merge^2): {gears['vision']}")
-    graphs = []
-    g = contract["graphs"]
-    v = cfg["vision"]
-    patch_dim = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2
-    if "vision" in g:
-        graphs.append(OmGraph("vision", g["vision"]["file"],
-                              [("patches", [-1, patch_dim]), ("vision_pos", [-1, 2]), ("vision_keep", [-1, -1])],
-                              [(n, n, n, n) for n in gears["vision"]]))
-    seqs = sorted(set(gears["prefill"]) | {1})
-    rows = sorted({n // merge for n in gears["vision"]} | {1})
-    graphs.append(OmGraph("embedding", g["embedding"]["file"],
-                          [("input_ids", [batch, -1]), ("image_features", [-1, h]), ("image_mask", [batch, -1]),
-                           ("router_span", [batch, 2])],
-                          [(s, m, s) for s in seqs for m in rows]))
-    router = [("router_input", [batch, h])] if contract.get("routing") else []
-    hd = cfg["hidden_size"] // cfg["num_heads"]
-    return graphs + _decoder_graphs(g["decoder"]["file"], gears, batch, h, cfg["num_kv_heads"], hd,
-                                    cfg["num_layers"], [3, batch, -1], router)
-
-
-def _moe_llava_graphs(contract: dict, gears: dict, batch: int) -> list[OmGraph]:
-    cfg, g, d = contract["config"], contract["graphs"], contract["decoder"]
-    h, size = cfg["hidden_size"], contract["vision"]["image_size"]
-    per_image = contract["vision"]["num_image_tokens_per_image"]
-    graphs = [OmGraph("vision", g["vision"]["file"], [("pixel_values", [-1, 3, size, size])],
-                      [(n,) for n in gears["images"]], input_format="NCHW")]
-    seqs = sorted(set(gears["prefill"]) | {1})
-    rows = feature_rows(gears["images"], per_image)
-    graphs.append(OmGraph("embedding", g["embedding"]["file"],
-                          [("input_ids", [batch, -1]), ("image_features", [-1, h])],
-                          [(s, m) for s in seqs for m in rows]))
-    return graphs + _decoder_graphs(g["decoder"]["file"], gears, batch, h, d["num_kv_heads"], d["head_dim"],
-                                    d["num_layers"], [batch, -1], [])
-
-
-def feature_rows(images: list[int], per_image: int) -> list[int]:
-    """MoE-LLaVA embedding gears for image-feature rows: each image gear's rows, and 1 for calls without images
-    (a zero row: a gear cannot be 0)."""
-    return sorted({n * per_image for n in images} | {1})
-
-
-def _decoder_graphs(onnx: str, gears: dict, batch: int, h: int, kv: int, hd: int, layers: int,
+def decoder_graphs(onnx: str, gears: dict, batch: int, h: int, kv: int, hd: int, layers: int,
                     positions: list[int], extra: list) -> list[OmGraph]:
     """decoder_prefill and decoder_decode from one decoder graph. positions: position_ids' dims with -1 for seq
     (Awaker [3, batch, -1], MoE-LLaVA [batch, -1]); extra: inputs after position_ids (Awaker's router_input)."""
@@ -199,9 +143,6 @@ def build_om(onnx_dir, out=None, soc: str = "Ascend910B2", precision: str = "ori
     """Write om_config.json (+ mixlist, tokenizer files) and either run ATC (when on PATH) or write build_om.sh."""
     onnx_dir = Path(onnx_dir)
     contract = read_contract(onnx_dir)
-    if contract["family"] not in FAMILIES:
-        raise ValueError(f"OM gears exist for {', '.join(FAMILIES)} exports; {onnx_dir} is a {contract['family']} "
-                         "export (its ONNX graphs run with --backend ort)")
     if not re.fullmatch(r"Ascend[0-9A-Za-z_]+", soc):
         raise ValueError(f"--soc {soc!r}: give ATC's soc_version, 'Ascend' + the chip name from npu-smi info "
                          "(e.g. Ascend910B2, Ascend310P3)")
@@ -287,34 +228,45 @@ def _fit(arr: np.ndarray, shape) -> np.ndarray:
     return arr.reshape(-1)[:n].reshape(shape)
 
 
-def _gear(values, n: int, what: str) -> int:
-    for v in sorted(values):
-        if v >= n:
-            return v
-    raise GearError(f"{what} of {n} exceeds the largest gear {max(values)}: rebuild the OM models with larger "
-                    "--gears")
-
-
 def _graph(name: str, g: dict) -> OmGraph:
     return OmGraph(name, g["onnx"], [(a, list(d)) for a, d in g["inputs"]], [tuple(x) for x in g["gears"]],
                    g.get("input_format", "ND"))
 
 
-class _GearLoop:
-    """What both families' OM sessions share: opening the runners (ais_bench, or ORT stand-ins for tests) and
-    padding a decoder call to a gear. The family's session class supplies the graph calls."""
+def _fit_gear(graph: OmGraph, actual: tuple, what: str) -> tuple:
+    """The smallest compiled gear whose every dynamic dim is at least ``actual``'s."""
+    fits = [g for g in graph.gears if all(a >= b for a, b in zip(g, actual))]
+    if not fits:
+        raise GearError(f"{what} of {max(actual)} exceeds the largest gear {max(max(g) for g in graph.gears)}: "
+                        "rebuild the OM models with larger --gears")
+    return min(fits, key=sum)
 
-    def _init_gears(self, runners: dict, config: dict):
+
+class OmRunner:
+    """The exported graphs as OM models (or their ORT stand-ins), every call padded up to a compiled gear: images
+    (or patches) with zeros, whose features are dropped; embedding calls on the right (the embedding is per token,
+    so the padding changes nothing before it); decoder prompts on the left with one masked dummy past slot (a gear
+    cannot be 0); the KV cache on the right, masked. A compact host-side KV cache is kept between calls."""
+
+    def __init__(self, runners: dict, config: dict):
         self.runners, self.config = runners, config
         self.batch = config["batch"]
         self.graphs = {n: _graph(n, g) for n, g in config["graphs"].items()}
         self.gears = {**DEFAULT_GEARS, **config["gears"]}
-        self.kv_shape = (self.batch, self.cfg.num_kv_heads, self.cfg.head_dim)
+        self.max_context = max(self.gears["decode"]) + 1
+        self.dtype = config["contract"]["dtype"]
+
+    def bind(self, session) -> None:
+        self.io, cfg = session.io, session.cfg
+        self.hidden, self.vocab, self.layers = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+        self.pad_token_id = cfg.pad_token_id
+        self.np_dtype = session.np_dtype
+        self.kv_shape = (self.batch, cfg.num_kv_heads, cfg.head_dim)
+        self.decoder_outputs = [t["name"] for t in config_outputs(self.config, "decoder")]
 
     @classmethod
-    def open(cls, folder, device_id: int = 0):
+    def open(cls, folder, config: dict, device_id: int = 0):
         folder = Path(folder)
-        config = _read_config(folder)
         try:
             import ais_bench.infer.interface  # noqa: F401
         except ImportError as e:
@@ -326,23 +278,17 @@ class _GearLoop:
             if not found:
                 raise FileNotFoundError(f"{folder} has no {n}*.om: run build_om.sh there first")
             runners[n] = AisRunner(found[0], device_id, _graph(n, g))
-        return cls(folder, runners, config)
+        return cls(runners, config)
 
     @classmethod
-    def emulated(cls, folder, threads: int | None = None):
+    def emulated(cls, folder, config: dict, threads: int | None = None):
         """The same loop over ONNX Runtime sessions that accept only the gear shapes (CPU tests)."""
-        from export.runtime import make_session
+        from moevl.export.ort import make_session
 
-        folder = Path(folder)
-        config = _read_config(folder)
         onnx_dir = Path(config["onnx_dir"])
         runners = {n: OrtGearRunner(make_session(onnx_dir / g["onnx"], "cpu", threads), _graph(n, g))
                    for n, g in config["graphs"].items()}
-        return cls(folder, runners, config)
-
-    @property
-    def dtype_name(self) -> str:
-        return self.dtype
+        return cls(runners, config)
 
     def describe(self) -> dict:
         return {"kind": "om", "device": "ascend-om", "chip": self.config["soc"], "dtype": self.dtype,
@@ -352,150 +298,107 @@ class _GearLoop:
         if b != self.batch:
             raise GearError(f"the OM models were compiled for batch {self.batch}, the request has {b}")
 
-    def _empty_past(self, batch):
-        return None
+    def vision(self, feeds: dict) -> np.ndarray:
+        """Every input's first dim (patches or images) padded with zeros to a gear; a square mask over them gets
+        the identity on the padding (padding patches attend to themselves only)."""
+        graph = self.graphs["vision"]
+        n = next(iter(feeds.values())).shape[0]
+        g = _fit_gear(graph, (n,) * len(graph.gears[0]), "an image batch")[0]
+        padded = {}
+        for name, x in feeds.items():
+            if x.ndim == 2 and x.shape[0] == x.shape[1] == n and x.dtype == np.bool_:
+                y = np.zeros((g, g), np.bool_)
+                y[:n, :n] = x
+                y[np.arange(n, g), np.arange(n, g)] = True
+            else:
+                y = np.concatenate([x, np.zeros((g - n,) + x.shape[1:], x.dtype)])
+            padded[name] = y
+        out = self.runners["vision"].run(padded)[0]
+        return _fit(out, (self.io.image_tokens(g), self.hidden))[: self.io.image_tokens(n)]
 
-    def _pad_embedding_ids(self, input_ids):
-        """input_ids [B, T] left-padded to a prefill gear (decode steps embed 1 token) -> (ids, pad)."""
-        b, t = input_ids.shape
+    def embedding(self, feeds: dict) -> dict:
+        """Token inputs [batch, seq] padded on the right to a prefill gear (1 for a decode step), image features
+        padded with zero rows to a gear of rows (1 for none)."""
+        graph = self.graphs["embedding"]
+        b, t = feeds["input_ids"].shape
         self._check_batch(b)
-        pad = (1 if t == 1 else _gear(self.gears["prefill"], t, "a prompt")) - t
-        return np.concatenate([np.full((b, pad), self.pad_token_id, np.int64), input_ids], 1), pad
+        m = feeds["image_features"].shape[0]
+        dynamic = [name for name, dims in graph.inputs for d in dims if d == -1]  # one name per gear value
+        gear = _fit_gear(graph, tuple(max(m, 1) if n == "image_features" else t for n in dynamic), "a prompt")
+        seq, rows = gear[dynamic.index("input_ids")], gear[dynamic.index("image_features")]
+        padded = {}
+        for name, _ in graph.inputs:
+            x = feeds[name]
+            if name == "image_features":
+                padded[name] = np.concatenate([x, np.zeros((rows - m, x.shape[1]), x.dtype)])
+            elif x.ndim == 2 and x.shape[1] == t and name != "router_span":
+                fill = self.pad_token_id if name == "input_ids" else 0
+                padded[name] = np.concatenate([x, np.full((b, seq - t), fill, x.dtype)], 1)
+            else:
+                padded[name] = x
+        outs = self.runners["embedding"].run(padded)
+        names = [o["name"] for o in config_outputs(self.config, "embedding")]
+        result = {}
+        for name, out in zip(names, outs):
+            if name == "inputs_embeds":
+                result[name] = _fit(out, (b, seq, self.hidden))[:, :t]
+            else:
+                result[name] = _fit(out, (b, self.hidden))
+        return result
 
-    def _pad_decoder(self, embeds, positions, past, valid_past, valid_new):
-        """One decoder call padded to a gear -> (OM model name, feeds (the family adds its extra inputs), layout
-        for _compact). Prefill (past None): the prompt padded on the left, one masked dummy past slot; decode:
-        the cache padded on the right to the KV gear. positions pad on their last axis (seq)."""
+    def decoder(self, embeds, positions, extra: dict, past, valid_past, valid_new):
+        """One decoder call padded to a gear -> (outputs by name, compact present KV). Prefill (past None): the
+        prompt padded on the left, one masked dummy past slot; decode: the cache padded on the right to the KV
+        gear. positions pad on their last axis (seq); outputs with a seq axis are trimmed to the real tokens."""
         import torch
+
+        from moevl.export.session import keep_mask
 
         b, t, h = embeds.shape
         self._check_batch(b)
-        layers = self.cfg.num_layers
         if past is None:
-            name, tg = "decoder_prefill", _gear(self.gears["prefill"], t, "a prompt")
+            name = "decoder_prefill"
+            tg = _fit_gear(self.graphs[name], (t, t, t + 1, t), "a prompt")[0]
             p, pg, pad = 0, 1, tg - t
             embeds = np.concatenate([np.zeros((b, pad, h), embeds.dtype), embeds], 1)
             positions = np.concatenate([np.zeros(positions.shape[:-1] + (pad,), np.int64), positions], -1)
             new = torch.cat([torch.zeros(b, pad, dtype=torch.bool), valid_new], 1)
             slots = torch.zeros(b, 1, dtype=torch.bool)
-            feeds_past = [np.zeros(self.kv_shape[:2] + (1,) + self.kv_shape[2:], self.np_dtype)] * (2 * layers)
+            feeds_past = [np.zeros(self.kv_shape[:2] + (1,) + self.kv_shape[2:], self.np_dtype)] * (2 * self.layers)
         else:
             name, p = "decoder_decode", past[0].shape[2]
-            pg = _gear(self.gears["decode"], p, "a context")
+            pg = _fit_gear(self.graphs[name], (p + 1,) + (p,) * len(past), "a context")[1]
             new, pad, tg = valid_new, 0, t
             slots = torch.cat([valid_past, torch.zeros(b, pg - p, dtype=torch.bool)], 1)
             feeds_past = [np.concatenate([x, np.zeros(x.shape[:2] + (pg - p,) + x.shape[3:], x.dtype)], 2)
                           for x in past]
         feeds = {"inputs_embeds": np.ascontiguousarray(embeds), "attention_keep": keep_mask(slots, new),
                  "position_ids": np.ascontiguousarray(positions, dtype=np.int64)}
+        for input_name, _ in self.graphs[name].inputs:
+            if input_name in extra:
+                feeds[input_name] = np.ascontiguousarray(extra[input_name], dtype=np.float32)
         for i, x in enumerate(feeds_past):
-            feeds[f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}"] = x
-        return name, feeds, (p, pg, pad, tg)
-
-    def _compact(self, present, layout) -> list[np.ndarray]:
-        """present outputs -> the real slots only: the cached ones, then the new ones after the padding (prefill
-        drops the dummy slot and the left padding, decode the KV gear's padding)."""
-        p, pg, pad, tg = layout
-        present = [_fit(o, self.kv_shape[:2] + (pg + tg,) + self.kv_shape[2:]) for o in present]
-        return [np.concatenate([x[:, :, :p], x[:, :, pg + pad:]], 2) for x in present]
-
-
-class OmAwakerSession(_GearLoop, ExportedAwakerSession):
-    """The generation loop over OM models (or their ORT stand-ins), padding every call to a compiled gear."""
-
-    def __init__(self, folder, runners: dict, config: dict):
-        super().__init__(folder, contract=config["contract"])
-        self._init_gears(runners, config)
-        self.merge = self.cfg.vision.spatial_merge_size ** 2
-        self.max_context = max(self.gears["decode"]) + 1
-
-    def _vision(self, patches, vision_pos, vision_keep):
-        n = patches.shape[0]
-        g = _gear(self.gears["vision"], n, "an image of patches")
-        pad = g - n
-        keep = np.zeros((g, g), np.bool_)
-        keep[:n, :n] = vision_keep
-        keep[np.arange(n, g), np.arange(n, g)] = True  # padding patches attend to themselves only
-        feeds = {"patches": np.concatenate([patches, np.zeros((pad, patches.shape[1]), patches.dtype)]),
-                 "vision_pos": np.concatenate([vision_pos, np.zeros((pad, 2), np.int64)]), "vision_keep": keep}
-        out = self.runners["vision"].run(feeds)[0]
-        return _fit(out, (g // self.merge, self.cfg.hidden_size))[: n // self.merge]
-
-    def _embedding(self, input_ids, image_features, image_mask, router_span):
-        b = input_ids.shape[0]
-        h = self.cfg.hidden_size
-        ids, pad = self._pad_embedding_ids(input_ids)
-        rows = sorted({n // self.merge for n in self.gears["vision"]} | {1})
-        mg = _gear(rows, max(image_features.shape[0], 1), "image tokens")
-        feeds = {"input_ids": ids,
-                 "image_features": np.concatenate(
-                     [image_features, np.zeros((mg - image_features.shape[0], h), image_features.dtype)]),
-                 "image_mask": np.concatenate([np.zeros((b, pad), np.bool_), image_mask], 1),
-                 "router_span": router_span + pad}
-        emb, router = self.runners["embedding"].run(feeds)
-        return _fit(emb, (b, ids.shape[1], h))[:, pad:], _fit(router, (b, h))
-
-    def _decoder(self, embeds, positions, router_input, past, valid_past, valid_new):
-        name, feeds, layout = self._pad_decoder(embeds, positions, past, valid_past, valid_new)
-        if self.has_router:
-            feeds["router_input"] = np.ascontiguousarray(router_input, dtype=np.float32)
-        outs = self.runners[name].run(feeds)
-        b, layers = embeds.shape[0], self.cfg.num_layers
-        logits = _fit(outs[0], (b, self.cfg.vocab_size))
-        routing, k = None, 0
-        if self.has_router:
-            routing = (_fit(outs[1], (layers, 2, b)), _fit(outs[2], (layers, 2, b)))
-            k = 2
-        return logits, routing, self._compact(outs[k + 1:], layout)
+            feeds[past_name(i)] = x
+        outs = dict(zip(self.decoder_outputs, self.runners[name].run(feeds)))
+        result = {}
+        for spec in config_outputs(self.config, "decoder"):
+            if spec["name"].startswith("present."):
+                continue
+            shape = [{"batch": b, "seq": tg}.get(d, d) for d in spec["shape"]]
+            value = _fit(outs[spec["name"]], shape)
+            if "seq" in spec["shape"]:  # e.g. moe_experts: the real tokens only
+                value = np.take(value, range(pad, tg), axis=spec["shape"].index("seq"))
+            result[spec["name"]] = value
+        present = [_fit(outs[f"present.{i // 2}.{'key' if i % 2 == 0 else 'value'}"],
+                        self.kv_shape[:2] + (pg + tg,) + self.kv_shape[2:]) for i in range(2 * self.layers)]
+        return result, [np.concatenate([x[:, :, :p], x[:, :, pg + pad:]], 2) for x in present]
 
 
-class OmMoeLlavaSession(_GearLoop, ExportedMoeLlavaSession):
-    """MoE-LLaVA's generation loop over OM models (or their ORT stand-ins): images padded with zero images to an
-    images gear, prompts and KV cache padded as for Awaker; moe_experts trimmed to the real tokens."""
-
-    def __init__(self, folder, runners: dict, config: dict):
-        super().__init__(folder, contract=config["contract"])
-        self._init_gears(runners, config)
-        self.max_context = max(self.gears["decode"]) + 1
-        self.per_image = self.contract["vision"]["num_image_tokens_per_image"]
-
-    def _vision(self, pixel_values):
-        n = pixel_values.shape[0]
-        g = _gear(self.gears["images"], n, "a number of images")
-        feeds = {"pixel_values": np.concatenate(
-            [pixel_values, np.zeros((g - n,) + pixel_values.shape[1:], pixel_values.dtype)]).astype(np.float32)}
-        out = self.runners["vision"].run(feeds)[0]
-        return _fit(out, (g * self.per_image, self.cfg.hidden_size))[: n * self.per_image]
-
-    def _embedding(self, input_ids, image_features):
-        b, h = input_ids.shape[0], self.cfg.hidden_size
-        ids, pad = self._pad_embedding_ids(input_ids.astype(np.int64))
-        m = image_features.shape[0]
-        mg = _gear(feature_rows(self.gears["images"], self.per_image), max(m, 1), "image tokens")
-        feeds = {"input_ids": ids,
-                 "image_features": np.concatenate([image_features, np.zeros((mg - m, h), image_features.dtype)])}
-        emb = self.runners["embedding"].run(feeds)[0]
-        return _fit(emb, (b, ids.shape[1], h))[:, pad:]
-
-    def _decoder(self, embeds, positions, past, valid_past, valid_new):
-        name, feeds, layout = self._pad_decoder(embeds, positions, past, valid_past, valid_new)
-        outs = self.runners[name].run(feeds)
-        b, pad, tg = embeds.shape[0], layout[2], layout[3]
-        logits = _fit(outs[0], (b, self.cfg.vocab_size))
-        experts, k = None, 0
-        if self.moe_layers:
-            experts = _fit(outs[1], (len(self.moe_layers), b, tg, self.cfg.top_k))[:, :, pad:]
-            k = 1
-        return logits, experts, self._compact(outs[k + 1:], layout)
+def config_outputs(config: dict, graph: str) -> list[dict]:
+    return config["contract"]["graphs"][graph]["outputs"]
 
 
-def open_om_session(folder, device_id: int = 0):
-    """The OM session for a build_om folder, by the exported family."""
-    family = _read_config(Path(folder))["contract"]["family"]
-    return (OmMoeLlavaSession if family == "moe-llava" else OmAwakerSession).open(folder, device_id)
-
-
-def _read_config(folder: Path) -> dict:
+def read_om_config(folder: Path) -> dict:
     path = Path(folder) / OM_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {OM_CONFIG}: build it with `moevl export om --onnx <dir>`")

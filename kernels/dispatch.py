@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from kernels import moe, reference
+from moevl.kernels import moe, reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +24,8 @@ class Kernels:
     patch_embed: Callable       # (patches [N, C*t*p*p], weight [E, C, t, p, p]) -> [N, E]
     lora_moe_prepare: Callable  # (lora_A [X,r,i], lora_B [X,o,r], expert [B], scales [B,2]) -> plan
     lora_moe_linear: Callable   # (x [B,T,i], weight [o,i], bias|None, plan|None) -> [B,T,o]
+    round_to_fp16: Callable     # (x fp32) -> the nearest fp16 values, kept in fp32 (Awaker's router)
+    insert_image_features: Callable  # (embeds [B,T,H], features [M,H], mask [B,T] bool) -> embeds with features
     moe_ffn: Callable | None = None  # token-level top-k MoE (MoE-LLaVA); see kernels.moe
 
 
@@ -46,6 +48,8 @@ def _reference() -> Kernels:
         patch_embed=reference.patch_embed,
         lora_moe_prepare=reference.lora_moe_prepare,
         lora_moe_linear=reference.lora_moe_linear,
+        round_to_fp16=reference.round_to_fp16,
+        insert_image_features=reference.insert_image_features,
         moe_ffn=moe.moe_ffn_reference,
     )
 
@@ -62,7 +66,7 @@ def _load_optional_backends() -> None:
     # Backends live in their own modules and register themselves on import.
     import importlib
 
-    for mod in ("kernels.fast", "kernels.npu"):
+    for mod in ("moevl.kernels.cpu", "moevl.kernels.export", "moevl.kernels.npu"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -70,8 +74,12 @@ def _load_optional_backends() -> None:
                 raise
 
 
-def get_kernels(backend: str) -> Kernels:
-    """Kernel set for a Device's ``kernel_backend`` ("reference", "cpu", "cuda", "npu", "npu-emulated", "export")."""
+def get_kernels(backend) -> Kernels:
+    """The kernel set for a Device (its ``kernel_backend``, and for NPUs its chip), or for a backend name
+    ("reference", "cpu", "cuda", "npu", "npu-emulated", "export"). A Device with ``strict`` set gets its set
+    checked: every hot op must be the device's own variant (moevl.kernels.npu.check_no_reference_ops)."""
+    if not isinstance(backend, str):
+        return _kernels_for_device(backend)
     _load_optional_backends()
     if backend not in _BACKENDS:
         # A backend without its own set yet runs the reference ops.
@@ -92,3 +100,14 @@ class KernelRef:
 
     def __getattr__(self, name):
         return getattr(self.__dict__["kernels"], name)
+
+
+def _kernels_for_device(device) -> Kernels:
+    if device.kernel_backend in ("npu", "npu-emulated"):  # the NPU sets depend on the chip (910B / 310P)
+        from moevl.kernels.npu import check_no_reference_ops, kernels_for_device
+
+        kernels = kernels_for_device(device)
+        if device.strict:
+            check_no_reference_ops(kernels)
+        return kernels
+    return get_kernels(device.kernel_backend)

@@ -40,11 +40,10 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from kernels import fast, moe, reference
-from kernels.dispatch import Kernels, _BACKENDS, register_backend
+from moevl.kernels import cpu, moe, reference
+from moevl.kernels.dispatch import Kernels, _BACKENDS, register_backend
 
 INT_MAX = 2147483647
-ACL_FORMAT_FRACTAL_NZ = 29
 HALFS = (torch.float16, torch.bfloat16)
 
 # Ops that must not be the plain reference on an NPU backend (what strict mode checks).
@@ -58,8 +57,8 @@ class _LazyTorchNpu:
 
     def __getattr__(self, name):
         if _LazyTorchNpu._module is None:
-            from ascend.errors import DeviceError
-            from ascend.npu_probe import probe_npu
+            from moevl.ascend.errors import DeviceError
+            from moevl.ascend.npu_probe import probe_npu
 
             probe = probe_npu()
             if not probe.available:
@@ -211,8 +210,8 @@ class NpuKernels:
             swiglu=self.swiglu,
             attention=self.attention,
             patch_embed=self.patch_embed,
-            lora_moe_prepare=fast.lora_moe_prepare,
-            lora_moe_linear=fast.lora_moe_linear,
+            lora_moe_prepare=cpu.lora_moe_prepare,
+            lora_moe_linear=cpu.lora_moe_linear,
             moe_ffn=self.moe_ffn,
         )
 
@@ -236,19 +235,10 @@ def _attention_composed(q, k, v, keep, scale):
 
 
 # ---------------------------------------------------------------------------------------------- per device
-def torch_npu_module(device):
-    """The provider of the torch_npu functions for a Device: the emulation on npu-emulated, else torch_npu."""
-    if getattr(device, "emulated", False):
-        from ascend.npu_emulation import EmulatedTorchNpu
-
-        return EmulatedTorchNpu(device.chip_family or "910B")
-    return _LazyTorchNpu()
-
-
 def kernels_for_device(device) -> Kernels:
     """The NPU kernel record for a device's chip (910B and 310P take different paths for some ops)."""
     chip = device.chip_family if device.chip_family in ("910B", "310P") else "910B"  # A3 takes the A2 path
-    return NpuKernels(torch_npu_module(device), chip).kernels(device.kernel_backend)
+    return NpuKernels(device.torch_npu(), chip).kernels(device.kernel_backend)
 
 
 def check_no_reference_ops(kernels: Kernels) -> None:
@@ -257,89 +247,16 @@ def check_no_reference_ops(kernels: Kernels) -> None:
     plain = [op for op in HOT_OPS if getattr(kernels, op) is getattr(ref, op)
              or getattr(kernels, op) in (moe.moe_ffn_reference, moe.moe_ffn_dropless, moe.moe_ffn_dense)]
     if plain:
-        from ascend.npu_emulation import NpuRuleError
+        from moevl.ascend.npu_emulation import NpuRuleError
 
         raise NpuRuleError(f"strict NPU mode: kernel set {kernels.name!r} runs {plain} as the plain reference "
                            "(that is not the NPU code path)")
 
 
-def cast_weights_nz(model: torch.nn.Module, tnpu) -> int:
-    """310P: cast every 2-D linear weight to FRACTAL_NZ once (vllm-ascend's 310P practice). -> number cast."""
-    count = 0
-    for module in model.modules():
-        w = getattr(module, "weight", None)
-        if isinstance(module, torch.nn.Embedding) or not isinstance(w, torch.nn.Parameter) or w.dim() != 2:
-            continue
-        if isinstance(module, torch.nn.Linear) or hasattr(module, "in_features"):
-            w.data = tnpu.npu_format_cast(w.data, ACL_FORMAT_FRACTAL_NZ)
-            count += 1
-    return count
-
-
-def prepare_session(session, device, strict: bool = False, compile: bool = False) -> None:
-    """After loading onto an NPU (or its emulation): chip-specific weight layout, strict mode, graph mode."""
-    model = session.model
-    kernels = model.ops.kernels
-    tnpu = getattr(model.ops.kernels.rms_norm, "__self__", None)
-    tnpu = tnpu.tnpu if tnpu is not None else torch_npu_module(device)
-    if device.chip_family == "310P":
-        cast_weights_nz(model, tnpu)
-    if strict:
-        check_no_reference_ops(kernels)
-        if device.emulated:
-            _guard_steps(session)
-    if compile:
-        compile_decode_step(model, device)
-
-
-def _guard_steps(session) -> None:
-    """Emulated strict mode: prefill and decode run under NpuStrictGuard (no float64, no Conv3d; the decode step
-    also no host synchronisation)."""
-    from ascend.npu_emulation import NpuStrictGuard
-
-    def guarded(step, host_sync_ok):
-        def run(*args, **kwargs):
-            with NpuStrictGuard(host_sync_ok=host_sync_ok):
-                return step(*args, **kwargs)
-        return run
-
-    session.prefill = guarded(session.prefill, host_sync_ok=True)
-    session.decode = guarded(session.decode, host_sync_ok=False)
-
-
-def compile_decode_step(model, device) -> None:
-    """Graph mode (TorchAir) for the decode step (T == 1, static KV cache); prefill stays eager.
-
-    Not verified on hardware: written from TorchAir's documented usage
-    ``torch.compile(m, backend=torchair.get_npu_backend(compiler_config=torchair.CompilerConfig()))``.
-    """
-    from ascend.errors import DeviceError
-
-    try:
-        importlib.import_module("torch_npu")
-        torchair = importlib.import_module("torchair")
-    except (ImportError, OSError, RuntimeError) as exc:
-        raise DeviceError(
-            f"--compile uses TorchAir graph mode, which ships inside torch-npu, but it cannot be imported here "
-            f"({type(exc).__name__}: {exc}). Run on an Ascend host with the CANN toolkit sourced and "
-            "`pip install 'moevl-ascend[npu]'`, or drop --compile") from exc
-    if device.kind != "npu":
-        raise DeviceError(f"--compile (TorchAir) needs a real NPU, not {device.kind}")
-    backend = torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
-    eager = model.forward
-    compiled = torch.compile(eager, backend=backend, dynamic=False)
-
-    def forward(inputs_embeds, positions, cache_pos, keep, routing=None):
-        step = compiled if inputs_embeds.shape[1] == 1 else eager
-        return step(inputs_embeds, positions, cache_pos, keep, routing)
-
-    model.forward = forward
-
-
 # The registry entries: "npu" (910B path, torch_npu imported on first use) and "npu-emulated" (910B emulation).
 # Loading a model goes through kernels_for_device, which also picks the 310P path.
 def _register():
-    from ascend.npu_emulation import EmulatedTorchNpu
+    from moevl.ascend.npu_emulation import EmulatedTorchNpu
 
     register_backend(NpuKernels(_LazyTorchNpu(), "910B").kernels("npu"))
     register_backend(NpuKernels(EmulatedTorchNpu("910B"), "910B").kernels("npu-emulated"))

@@ -109,3 +109,14 @@ def lora_moe_linear(x, weight, bias, plan):
             delta = delta + scales[b, 1].float() * ((xb @ A[g].float().t()) @ B[g].float().t())
         rows.append((y[b].float() + delta).to(y.dtype))
     return torch.stack(rows)
+
+
+def round_to_fp16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the nearest fp16 value, kept in fp32 (Awaker's router computes in float16)."""
+    return x.half().float()
+
+
+def insert_image_features(embeds: torch.Tensor, image_features: torch.Tensor, image_mask: torch.Tensor):
+    """embeds [B, T, H] with the image positions (image_mask [B, T], row-major over the batch) replaced by the rows
+    of image_features [M, H] in order."""
+    return embeds.masked_scatter(image_mask[..., None], image_features.to(embeds.dtype))

@@ -1,3 +1,2 @@
-"""The networks, their loaders and generation. Importing ``ascend`` first keeps ``import torch`` working on
-hosts where torch-npu is installed but CANN is not (see ascend/__init__.py)."""
-import ascend  # noqa: F401
+"""The networks: the family registry (family.py), what the families share (layers, request, checkpoint, session,
+generate, tiny) and one package per family (awaker/, moe_llava/)."""

@@ -1,6 +1,6 @@
 """Family-agnostic generation: prefill, then one token at a time, with sampling, stopping and streaming.
 
-A model family plugs in through two methods (see ``model.session``): ``prefill(batch, max_len)`` returns the
+A model family plugs in through two methods (see ``moevl.model.session``): ``prefill(batch, max_len)`` returns the
 logits of the last prompt position [B, V], and ``decode(tokens [B])`` those of the next position.
 """
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Building blocks shared by the model families: static KV cache, adapted linears, norms."""
+"""Building blocks both families share: the static KV cache and the norms."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from kernels import KernelRef
+from moevl.kernels import KernelRef
 
 
 class KVCache(nn.Module):
@@ -21,6 +21,37 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, cache_pos, k)
         self.v.index_copy_(2, cache_pos, v)
         return self.k, self.v
+
+
+# Cache lengths are rounded up to a multiple of this, and a cache is reused while it is long enough, so that a
+# compiled decode step (static shapes) sees few distinct lengths (gpt-fast grows its caches the same way).
+CACHE_LENGTH_STEP = 256
+
+
+class CachedDecoder(nn.Module):
+    """What a decoder with static KV caches shares: ``setup_caches`` keeps the caches while the batch size is the
+    same and they are long enough, else allocates new ones rounded up to CACHE_LENGTH_STEP slots (at most
+    ``limit``). Subclasses define ``cfg`` (num_kv_heads, head_dim), ``model.layers`` and ``lm_head``."""
+
+    caches: nn.ModuleList | None
+
+    def setup_caches(self, batch: int, max_len: int, limit: int | None = None) -> int:
+        """-> the cache length (>= max_len)."""
+        p = self.lm_head.weight
+        current = self.caches[0].k.shape if self.caches is not None else None
+        if (current is not None and current[0] == batch and current[2] >= max_len
+                and self.caches[0].k.dtype == p.dtype and self.caches[0].k.device == p.device):
+            return current[2]
+        length = -(-max_len // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
+        if limit is not None:
+            length = max(min(length, limit), max_len)
+        self.caches = nn.ModuleList(
+            KVCache(batch, self.cfg.num_kv_heads, length, self.cfg.head_dim, p.dtype, p.device)
+            for _ in self.model.layers)
+        return length
+
+    def logits(self, hidden):
+        return self.lm_head(hidden).float()
 
 
 class RMSNorm(nn.Module):
@@ -44,55 +75,3 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
-
-
-class AdaptedLinear(nn.Module):
-    """A base linear with optional LoRA experts (``num_lora`` = task experts + global expert).
-
-    What the experts contribute for a request is decided outside (the router) and arrives as a prepared
-    plan; without a plan the layer is the plain base linear.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, num_lora: int, rank: int,
-                 ops: KernelRef):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.num_lora = num_lora
-        if num_lora:
-            self.lora_A = nn.Parameter(torch.zeros(num_lora, rank, in_features))   # [X, r, in]
-            self.lora_B = nn.Parameter(torch.zeros(num_lora, out_features, rank))  # [X, out, r]
-        self.ops = ops
-
-    def prepare(self, expert: torch.Tensor, scales: torch.Tensor):
-        """Select each request's experts once (at prefill); the plan is reused by every decode step."""
-        if not self.num_lora:
-            return None
-        return self.ops.lora_moe_prepare(self.lora_A, self.lora_B, expert, scales)
-
-    def forward(self, x, plan=None):
-        return self.ops.lora_moe_linear(x, self.weight, self.bias, plan)
-
-
-class Router(nn.Module):
-    """Awaker's instance-level router: RMSNorm (fp32, learnable gamma) -> Linear with bias -> softmax -> top-1."""
-
-    def __init__(self, hidden: int, num_experts: int, eps: float):
-        super().__init__()
-        self.norm_weight = nn.Parameter(torch.ones(hidden))
-        self.gate = nn.Linear(hidden, num_experts, bias=True)
-        self.eps = eps
-
-    def forward(self, e: torch.Tensor):
-        """e [B, hidden] (fp32) -> expert [B] long, p [B] fp32 (an fp16 value), probs [B, E] fp32.
-
-        The original rounds the logits to float16 and takes the softmax in float16, so p is a float16 value;
-        we reproduce that because it changes layer outputs by up to ~1e-3 otherwise (see notes/awaker.md).
-        """
-        z = e.float()
-        z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight.float()
-        logits = torch.nn.functional.linear(z, self.gate.weight.float(), self.gate.bias.float())
-        probs = torch.softmax(logits.half().float(), dim=-1).half()
-        p, expert = probs.max(dim=-1)
-        return expert, p, probs.float()

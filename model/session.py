@@ -1,35 +1,24 @@
-"""A loaded Awaker model on a device, ready to answer: the Python API the CLI is a thin layer over.
+"""What every session shares, whatever the family or the backend: preparing requests, asking, scoring, and the
+static-KV-cache bookkeeping of one batch.
 
-    vl = load("awaker-tiny", device="cpu")            # or a checkpoint folder
+A session is what ``moevl.load`` returns: model (or graphs) + processor + device, ready to answer.
+
+    vl = moevl.load("awaker-tiny", device="cpu")            # or a checkpoint folder, or an exported folder
     res = vl.ask("What is in the picture?", images=["cat.png"], max_new_tokens=32)
+
+``moevl.model.generate.generate`` drives a session through two steps: ``prefill(batch, max_len)`` -> logits of the
+last prompt position [B, V], and ``decode(tokens [B])`` -> logits of the next position.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from model.awaker import AwakerModel, LayerRouting
-from model.generate import GenerationConfig, GenerationResult, generate
-from model.inputs import AwakerBatch, AwakerProcessor, pooled_prompt
-
-ROUTING_MODES = ("prefill", "legacy")
-
-
-@dataclasses.dataclass
-class RoutingDecision:
-    layer: int
-    router: str        # "attn" (o_proj) or "mlp" (gate/up/down)
-    expert: list[int]  # per request
-    p: list[float]
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
+from moevl.model.generate import GenerationConfig, GenerationResult, generate
 
 
 class CacheState:
-    """Static-KV-cache bookkeeping for one batch, shared by the families: which cache slots hold real tokens,
-    where the next token is written, and each request's next text position."""
+    """Static-KV-cache bookkeeping for one batch: which cache slots hold real tokens, where the next token is
+    written, and each request's next text position."""
 
     def __init__(self, attention_mask: torch.Tensor, next_position: torch.Tensor, max_len: int):
         b, length = attention_mask.shape
@@ -53,9 +42,21 @@ class CacheState:
         return out
 
 
-class SessionBase:
-    """What every family's session shares: preparing requests, asking, scoring. A family provides
-    ``processor`` (with ``chat`` and ``__call__``), ``prefill``, ``decode`` and ``_last_hidden``."""
+def attention_keep(valid: torch.Tensor, cache_pos: torch.Tensor) -> torch.Tensor:
+    """keep [B, 1, T, S]: causal over cache slots, padding slots masked; every query sees itself, so no row
+    is fully masked (a padding query would otherwise produce NaN and poison its cache slot)."""
+    s = torch.arange(valid.shape[1], device=valid.device)
+    q = cache_pos[:, None]
+    keep = (s[None, :] <= q)[None] & (valid[:, None, :] | (s[None, :] == q)[None])
+    return keep[:, None]
+
+
+class Session:
+    """The user-facing half every session shares. A session provides ``processor`` (``chat`` and ``__call__``),
+    ``tokenizer``, ``device``, ``family``, ``max_context``, ``eos_token_ids``, ``pad_token_id``, ``prefill``,
+    ``decode``, ``routing_decisions`` and ``dtype_name``."""
+
+    family: str
 
     def prepare(self, questions: list[str], images: list[list] | None = None):
         images = images or [[] for _ in questions]
@@ -70,97 +71,62 @@ class SessionBase:
         batch = self.prepare(questions, images)
         return generate(self, batch, GenerationConfig(**gen), on_text)
 
+    def describe(self) -> dict:
+        return self.device.describe()
+
+
+class TorchSession(Session):
+    """A PyTorch model on a Device. Families implement ``_prefill(batch, max_len)`` and ``_decode(tokens)``; this
+    class runs them under inference mode and the device's step guard, and keeps the KV caches (allocated by the
+    model, reused across requests while long enough)."""
+
+    def __init__(self, model, processor, device, max_context: int | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = device
+        self.cfg = model.cfg
+        self.max_context = max_context or model.cfg.max_position_embeddings
+        self.eos_token_ids = set(model.cfg.eos_token_ids)
+        self.pad_token_id = model.cfg.pad_token_id
+        self._cache: CacheState | None = None
+        self._last_hidden = None
+
     @property
     def dtype_name(self) -> str:
-        from ascend.device import dtype_name
+        from moevl.ascend.device import dtype_name
 
         return dtype_name(self.model.lm_head.weight.dtype)
 
-    def describe(self) -> dict:
-        return self.device.describe()
+    def compile(self) -> None:
+        """Run the decode step (one token, static KV cache) in the device's graph mode; prefill stays eager."""
+        eager = self.model.forward
+        compiled = self.device.compile_step(eager)
+
+        def forward(inputs_embeds, *args, **kwargs):
+            step = compiled if inputs_embeds.shape[1] == 1 else eager
+            return step(inputs_embeds, *args, **kwargs)
+
+        self.model.forward = forward
+
+    def _setup(self, batch, max_len: int) -> CacheState:
+        """Caches for this batch (reused when long enough) and the bookkeeping over them."""
+        length = self.model.setup_caches(batch.input_ids.shape[0], max_len, limit=self.max_context)
+        self._cache = CacheState(batch.attention_mask, batch.next_position, length)
+        return self._cache
+
+    @torch.inference_mode()
+    def prefill(self, batch, max_len: int) -> torch.Tensor:
+        with self.device.step_guard(host_sync_ok=True):
+            return self._prefill(batch.to(self.device.torch_device), max_len)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        with self.device.step_guard(host_sync_ok=False):
+            return self._decode(tokens)
 
     @torch.inference_mode()
     def score(self, batch) -> torch.Tensor:
         """Logits at every prompt position [B, L, V] (for checks against other implementations)."""
         self.prefill(batch, batch.input_ids.shape[1])
         return self.model.logits(self._last_hidden)
-
-
-class AwakerSession(SessionBase):
-    """Model + processor + device, with Awaker's per-request routing.
-
-    routing="prefill" (default): routed once from the prompt (image features inserted), kept for the whole
-    request — the training semantics. routing="legacy": the original ``generate``'s behaviour, where every
-    decode step re-routes from plain token embeddings (image positions hold the ``<|image_pad|>`` embedding,
-    not the visual features), for parity with the original's outputs.
-    """
-
-    family = "awaker"
-
-    def __init__(self, model: AwakerModel, processor: AwakerProcessor, device, routing: str = "prefill",
-                 max_context: int | None = None):
-        if routing not in ROUTING_MODES:
-            raise ValueError(f"routing must be one of {ROUTING_MODES}, not {routing!r}")
-        self.model = model.eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.device = device
-        self.routing_mode = routing
-        self.cfg = model.cfg
-        self.max_context = max_context or model.cfg.max_position_embeddings
-        self.eos_token_ids = set(model.cfg.eos_token_ids)
-        self.pad_token_id = model.cfg.pad_token_id
-        self.last_routing: list[LayerRouting] | None = None
-        self.decode_routing: list[LayerRouting] | None = None
-        self._cache: CacheState | None = None
-
-    # ------------------------------------------------------------------ the two steps generation drives
-    @torch.inference_mode()
-    def prefill(self, batch: AwakerBatch, max_len: int) -> torch.Tensor:
-        m, dev = self.model, self.device.torch_device
-        batch = batch.to(dev)
-        m.setup_caches(batch.input_ids.shape[0], max_len)
-        feats = None
-        if batch.patches is not None:
-            feats = m.encode_images(batch.patches, batch.vision_pos, batch.vision_keep)
-        embeds = m.embed(batch.input_ids, feats, batch.image_mask)
-        routing = decode_routing = None
-        if m.has_adapters:
-            routing = m.route(pooled_prompt(embeds, batch.span))
-            decode_routing = routing
-            if self.routing_mode == "legacy":
-                plain = m.embed(batch.input_ids)  # image positions keep the <|image_pad|> embedding
-                decode_routing = m.route(pooled_prompt(plain, batch.span))
-        self.last_routing = routing
-        self._cache = CacheState(batch.attention_mask, batch.next_position, max_len)
-        self.decode_routing = decode_routing
-        cache_pos, keep = self._cache.prompt()
-        hidden = m(embeds, batch.positions, cache_pos, keep, routing)
-        self._last_hidden = hidden
-        return m.logits(hidden[:, -1])
-
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        cache_pos, keep, pos = self._cache.step()
-        positions = pos.view(1, -1, 1).expand(3, -1, 1)  # text tokens: the same position on all three axes
-        hidden = m(m.embed(tokens[:, None]), positions, cache_pos, keep, self.decode_routing)
-        return m.logits(hidden[:, -1])
-
-    # ------------------------------------------------------------------ user-facing
-    def routing_decisions(self) -> list[RoutingDecision]:
-        out = []
-        for i, r in enumerate(self.last_routing or []):
-            out.append(RoutingDecision(i, "attn", r.attn_expert.tolist(), [round(x, 6) for x in r.attn_p.tolist()]))
-            out.append(RoutingDecision(i, "mlp", r.mlp_expert.tolist(), [round(x, 6) for x in r.mlp_p.tolist()]))
-        return out
-
-
-
-def attention_keep(valid: torch.Tensor, cache_pos: torch.Tensor) -> torch.Tensor:
-    """keep [B, 1, T, S]: causal over cache slots, padding slots masked; every query sees itself, so no row
-    is fully masked (a padding query would otherwise produce NaN and poison its cache slot)."""
-    s = torch.arange(valid.shape[1], device=valid.device)
-    q = cache_pos[:, None]
-    keep = (s[None, :] <= q)[None] & (valid[:, None, :] | (s[None, :] == q)[None])
-    return keep[:, None]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.moe_llava_loader import TINY_ASSETS
+from moevl.model.moe_llava.checkpoint import TINY_ASSETS
 
 NUM_EXPERTS = 4
 MM_HIDDEN = 32

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from model.config import awaker_tiny
-from model.inputs import InputError, mrope_positions, pooled_prompt, prompt_span, vision_inputs
+from moevl.model.awaker.config import awaker_tiny
+from moevl.model.awaker.inputs import InputError, mrope_positions, pooled_prompt, prompt_span, vision_inputs
 
 CFG = awaker_tiny()  # ids: im_start 1, im_end 2, vision_start 3, vision_end 4, image_pad 5
 S, E, VS, VE, IMG = 1, 2, 3, 4, 5

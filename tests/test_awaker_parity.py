@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ascend.device import resolve_device
-from model.loader import load_awaker
-from model.session import AwakerSession
-from model.tiny import DEMO_IMAGE
+from moevl.ascend.device import resolve_device
+from moevl.model.awaker.checkpoint import load_awaker
+from moevl.model.awaker.session import AwakerSession
+from moevl.model.tiny import DEMO_IMAGE
 from tests.awaker_fixtures import (SCALING, non_square_image, random_adapters, tiny_hf_model, write_hf_folder,
                                    write_release)
 
@@ -77,7 +77,7 @@ def test_base_model_greedy_tokens_match_transformers(hf, base_session, tmp_path)
     s = base_session
     batch = s.prepare(["What is in the picture?", "Describe the image in detail."],
                       [[non_square_image(tmp_path)], [DEMO_IMAGE]])
-    from model.generate import GenerationConfig, generate
+    from moevl.model.generate import GenerationConfig, generate
 
     ours = generate(s, batch, GenerationConfig(max_new_tokens=6)).token_ids
     theirs = hf_greedy(hf, batch, s.cfg, 6)

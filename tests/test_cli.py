@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from model.cli import main
-from model.tiny import DEMO_IMAGE
+from moevl.cli import main
+from moevl.model.tiny import DEMO_IMAGE
 
 
 def run_cli(capsys, *argv):
@@ -28,7 +28,7 @@ def test_demo_json_has_the_promised_fields(capsys):
 
 
 def test_run_is_deterministic_and_greedy_matches_the_api(capsys):
-    from model.api import load
+    from moevl import load
 
     argv = ["run", "--model", "awaker-tiny", "--image", str(DEMO_IMAGE), "--prompt", "What is this?",
             "--device", "cpu", "--max-new-tokens", "6", "--json"]
@@ -64,6 +64,6 @@ def test_unreadable_image(capsys, tmp_path):
 
 
 def test_console_script_info_runs():
-    out = subprocess.run([sys.executable, "-m", "model.cli", "info", "--json"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "moevl.cli", "info", "--json"], capture_output=True, text=True,
                          check=True)
     assert json.loads(out.stdout)["torch"]

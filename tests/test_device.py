@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ascend import npu_probe
-from ascend.device import (
+from moevl.ascend import npu_probe
+from moevl.ascend.device import (
     CpuDevice,
     EmulatedNpuDevice,
     NpuDevice,
@@ -22,8 +22,8 @@ from ascend.device import (
     parse_dtype,
     resolve_device,
 )
-from ascend.errors import DeviceError
-from ascend.npu_probe import NpuProbe, install_fix, probe_npu, strict_npu
+from moevl.ascend.errors import DeviceError
+from moevl.ascend.npu_probe import NpuProbe, install_fix, probe_npu, strict_npu
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LIBHCCL = "import torch_npu failed: ImportError: libhccl.so: cannot open shared object file: No such file or directory"

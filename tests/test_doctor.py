@@ -8,11 +8,11 @@ import types
 import pytest
 import torch
 
-from ascend import cli_commands, npu_probe
-from ascend.doctor import NO_NPU, exit_code, format_report, npu_found, run_checks, summary
-from ascend.host import Host, find_toolkit, parse_npu_smi
-from ascend.info import collect_info, format_info
-from ascend.npu_probe import NpuProbe, install_fix
+from moevl.ascend import cli_commands, npu_probe
+from moevl.ascend.doctor import NO_NPU, exit_code, format_report, npu_found, run_checks, summary
+from moevl.ascend.host import Host, find_toolkit, parse_npu_smi
+from moevl.ascend.info import collect_info, format_info
+from moevl.ascend.npu_probe import NpuProbe, install_fix
 
 TOOLKIT = "/usr/local/Ascend/ascend-toolkit/latest"
 SOURCED_LD_PATH = f"{TOOLKIT}/lib64:{TOOLKIT}/lib64/plugin/opskernel:/usr/local/Ascend/driver/lib64/driver"

@@ -14,13 +14,17 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from export.check import check_onnx_dir
-from export.om import GearError, OmAwakerSession, atc_command, build_om, om_graphs
-from export.onnx_export import CONTRACT, TOLERANCE, export_onnx, read_contract
-from export.runtime import OrtAwakerSession, ProviderError, make_session
-from export.validate import ValidationError, greedy_tokens
-from model.api import load
-from model.tiny import DEMO_IMAGE
+from moevl.export.check import check_onnx_dir
+from moevl.export.graph import GearError
+from moevl.export.om import atc_command, build_om, om_graphs
+from moevl.export.graph import CONTRACT, TOLERANCE, read_contract
+from moevl.export.onnx import export_onnx
+from moevl.export.graph import ProviderError
+from moevl.export.ort import make_session
+from moevl.export.session import open_om, open_ort
+from moevl.export.validate import ValidationError, greedy_tokens
+from moevl import load
+from moevl.model.tiny import DEMO_IMAGE
 from tests.awaker_fixtures import non_square_image
 
 QUIET = dict(log=lambda *a: None)
@@ -39,7 +43,7 @@ def onnx_dir(tmp_path_factory, torch_session):
 
 @pytest.fixture(scope="module")
 def ort_session(onnx_dir):
-    return OrtAwakerSession(onnx_dir)
+    return open_ort(onnx_dir)
 
 
 def test_contract_names_every_graph_input_and_output(onnx_dir):
@@ -131,19 +135,19 @@ def test_fp16_export_validates_within_its_tolerance(tmp_path, torch_session):
 
 
 def test_failing_validation_leaves_no_folder(tmp_path, torch_session, monkeypatch):
-    import export.validate
+    import moevl.export.validate
 
     def fail(*a, **k):
         raise ValidationError("injected")
 
-    monkeypatch.setattr(export.validate, "validate_export", fail)
+    monkeypatch.setattr(moevl.export.validate, "validate_export", fail)
     with pytest.raises(ValidationError):
         export_onnx("awaker-tiny", tmp_path / "out", session=torch_session, **QUIET)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_export_leaves_no_folder(tmp_path, torch_session, monkeypatch):
-    import export.onnx_export as ex
+    import moevl.export.onnx as ex
 
     real = ex._export_graph
 
@@ -176,17 +180,17 @@ def test_cann_provider_fails_loudly_when_missing(onnx_dir):
 
 
 def test_int8_decoder_is_cached_and_mostly_agrees(onnx_dir, ort_session):
-    q = OrtAwakerSession(onnx_dir, quantize="int8")
+    q = open_ort(onnx_dir, quantize="int8")
     assert (onnx_dir / "decoder.int8.onnx").is_file()
     batch = ort_session.prepare(["Describe the image."], [[str(DEMO_IMAGE)]])
     ref, got = greedy_tokens(ort_session, batch, 8)[0], greedy_tokens(q, batch, 8)[0]
     assert ref[0] == got[0]  # the first token survives int8 on this model; later ones may diverge
-    q2 = OrtAwakerSession(onnx_dir, quantize="int8")  # from the cache
+    q2 = open_ort(onnx_dir, quantize="int8")  # from the cache
     assert greedy_tokens(q2, batch, 8)[0] == got
 
 
 def test_cli_run_backend_ort_prints_the_torch_fields(onnx_dir, capsys):
-    from model.cli import main
+    from moevl.cli import main
 
     assert main(["run", "--backend", "ort", "--model", str(onnx_dir), "--image", str(DEMO_IMAGE),
                  "--max-new-tokens", "4", "--json"]) == 0
@@ -234,11 +238,11 @@ def test_build_om_without_atc_writes_a_script(onnx_dir, tmp_path):
 
 def test_om_loop_over_gear_shaped_sessions_matches_ort(onnx_dir, ort_session, tmp_path):
     om_dir = build_om(onnx_dir, tmp_path / "om", soc="Ascend910B2", gears=GEARS, **QUIET)
-    om = OmAwakerSession.emulated(om_dir)
+    om = open_om(om_dir, emulated=True)
     batch = ort_session.prepare(["Describe the image."], [[str(DEMO_IMAGE)]])
     assert greedy_tokens(om, batch, 12) == greedy_tokens(ort_session, batch, 12)
-    assert om.runners["decoder_prefill"].calls == [(64, 64, 65, 64)]  # 47-token prompt padded to the 64 gear
-    assert set(om.runners["decoder_decode"].calls) == {(65,) + (64,) * 4}
+    assert om.runner.runners["decoder_prefill"].calls == [(64, 64, 65, 64)]  # 47-token prompt padded to the 64 gear
+    assert set(om.runner.runners["decoder_decode"].calls) == {(65,) + (64,) * 4}
     text = ort_session.prepare(["What colour is the circle?"])
     assert greedy_tokens(om, text, 6) == greedy_tokens(ort_session, text, 6)
     with pytest.raises(GearError, match="largest gear"):
@@ -246,7 +250,7 @@ def test_om_loop_over_gear_shaped_sessions_matches_ort(onnx_dir, ort_session, tm
 
 
 def test_cli_reports_missing_cann_and_ais_bench_as_errors_not_tracebacks(onnx_dir, tmp_path, capsys):
-    from model.cli import main
+    from moevl.cli import main
 
     assert main(["run", "--backend", "ort", "--provider", "cann", "--model", str(onnx_dir)]) == 1
     assert "CANNExecutionProvider" in capsys.readouterr().err

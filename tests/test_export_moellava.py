@@ -13,13 +13,13 @@ import onnx
 import pytest
 import torch
 
-from export.check import check_onnx_dir
-from export.moe_llava_onnx import OrtMoeLlavaSession
-from export.onnx_export import TOLERANCE, ExportError, export_onnx, read_contract
-from export.runtime import open_ort_session
-from export.validate import greedy_tokens
-from model.api import load
-from model.tiny import DEMO_IMAGE
+from moevl.export.check import check_onnx_dir
+from moevl.export.graph import TOLERANCE, ExportError, read_contract
+from moevl.export.onnx import export_onnx
+from moevl.export.session import open_om, open_ort
+from moevl.export.validate import greedy_tokens
+from moevl import load
+from moevl.model.tiny import DEMO_IMAGE
 from tests import moe_llava_fixtures as fx
 
 QUIET = dict(log=lambda *a: None)
@@ -38,7 +38,7 @@ def onnx_dir(tmp_path_factory, torch_session):
 
 @pytest.fixture(scope="module")
 def ort_session(onnx_dir):
-    return OrtMoeLlavaSession(onnx_dir)
+    return open_ort(onnx_dir)
 
 
 def test_contract_names_every_graph_input_and_output(onnx_dir):
@@ -98,8 +98,8 @@ def test_image_and_text_only_requests_generate_the_pytorch_tokens_and_experts(to
 
 
 def test_sampled_ask_matches_pytorch_through_model_generate(torch_session, onnx_dir):
-    ort = open_ort_session(onnx_dir)  # picked by the contract's family
-    assert isinstance(ort, OrtMoeLlavaSession)
+    ort = open_ort(onnx_dir)  # picked by the contract's family
+    assert ort.family == "moe-llava" and type(ort.io).__module__.endswith("builders.moe_llava")
     gen = dict(max_new_tokens=10, temperature=0.8, top_k=50, seed=4)
     want = torch_session.ask("What is in the picture?", images=[str(DEMO_IMAGE)], **gen)
     got = ort.ask("What is in the picture?", images=[str(DEMO_IMAGE)], **gen)
@@ -129,7 +129,7 @@ def test_stablelm_siglip_checkpoint_folder_exports_and_runs_without_its_tower_fo
     assert c["vision"]["num_image_tokens_per_image"] == 15  # SigLIP: token 0 dropped as the original does
     assert c["validation"]["experts_equal"] and c["validation"]["greedy"]["equal"]
     assert not (out / "preprocessor_config.json").exists()
-    ort = OrtMoeLlavaSession(out)
+    ort = open_ort(out)
     torch_s = load(folder, device="cpu", vision_tower=tower_dir)
     batch = torch_s.prepare(["Describe.", "A much longer question without any image at all?"],
                             [[str(DEMO_IMAGE)], []])
@@ -145,7 +145,7 @@ def test_deepspeed_routing_is_refused_and_leaves_no_folder(tmp_path):
 
 
 def test_cli_run_backend_ort_gives_the_torch_answer(onnx_dir, capsys):
-    from model.cli import main
+    from moevl.cli import main
 
     args = ["run", "--image", str(DEMO_IMAGE), "--max-new-tokens", "5", "--json"]
     assert main(args + ["--model", "moellava-tiny", "--device", "cpu"]) == 0
@@ -165,7 +165,7 @@ def test_cli_run_backend_ort_gives_the_torch_answer(onnx_dir, capsys):
 def test_router_nodes_are_the_constant_weight_matmuls_that_feed_a_topk():
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.runtime import router_nodes
+    from moevl.export.ort import router_nodes
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])
     w = [numpy_helper.from_array(np.ones(shape, np.float32), name) for name, shape in
@@ -186,7 +186,7 @@ def test_router_nodes_are_the_constant_weight_matmuls_that_feed_a_topk():
 
 
 def test_int8_decoder_quantises_the_experts_but_not_the_routers(onnx_dir):
-    q = OrtMoeLlavaSession(onnx_dir, quantize="int8")
+    q = open_ort(onnx_dir, quantize="int8")
     assert q.describe()["quantize"] == "int8" and (onnx_dir / "decoder.int8.onnx").is_file()
     model = onnx.load(str(onnx_dir / "decoder.int8.onnx"))
     inits = {i.name: list(i.dims) for i in model.graph.initializer}
@@ -206,7 +206,7 @@ def test_int8_decoder_quantises_the_experts_but_not_the_routers(onnx_dir):
 def test_int8_is_refused_unless_one_router_per_moe_layer_is_found(onnx_dir, tmp_path):
     import shutil
 
-    from export.runtime import quantize_decoder
+    from moevl.export.ort import quantize_decoder
 
     shutil.copy(onnx_dir / "decoder.onnx", tmp_path / "decoder.onnx")
     contract = read_contract(onnx_dir)
@@ -217,7 +217,8 @@ def test_int8_is_refused_unless_one_router_per_moe_layer_is_found(onnx_dir, tmp_
 
 
 def test_int8_keeps_the_expert_choices_and_the_first_tokens(torch_session, onnx_dir):
-    from export.moe_llava_onnx import int8_agreement, sample_batch
+    from moevl.export.builders.moe_llava import int8_agreement
+    from moevl.export.validate import sample_batch
 
     report = int8_agreement(onnx_dir, sample_batch(torch_session), tokens=8)
     # observed on moellava-tiny (random weights): top-1 experts all equal, top-2 sets 98.9%; tokens diverge late
@@ -227,7 +228,7 @@ def test_int8_keeps_the_expert_choices_and_the_first_tokens(torch_session, onnx_
 
 
 def test_cli_run_backend_ort_quantize_int8(onnx_dir, capsys):
-    from model.cli import main
+    from moevl.cli import main
 
     assert main(["run", "--backend", "ort", "--quantize", "int8", "--model", str(onnx_dir), "--image",
                  str(DEMO_IMAGE), "--max-new-tokens", "4", "--json"]) == 0
@@ -245,7 +246,7 @@ def test_atc_command_lines_for_moe_llava(onnx_dir):
     image-count gear, feature rows = images x 16 tokens."""
     import shlex
 
-    from export.om import atc_command, om_graphs
+    from moevl.export.om import atc_command, om_graphs
 
     graphs = {g.name: g for g in om_graphs(read_contract(onnx_dir), GEARS, batch=1)}
     assert list(graphs) == ["vision", "embedding", "decoder_prefill", "decoder_decode"]
@@ -271,7 +272,7 @@ def test_atc_command_lines_for_moe_llava(onnx_dir):
 
 
 def test_build_om_writes_the_script_and_the_cli_accepts_a_moe_llava_folder(onnx_dir, tmp_path, capsys):
-    from model.cli import main
+    from moevl.cli import main
 
     out = tmp_path / "om"
     assert main(["export", "om", "--onnx", str(onnx_dir), "--soc", "Ascend910B2", "--out", str(out),
@@ -287,14 +288,15 @@ def test_build_om_writes_the_script_and_the_cli_accepts_a_moe_llava_folder(onnx_
 
 
 def test_om_loop_over_gear_shaped_sessions_matches_ort(onnx_dir, ort_session, tmp_path):
-    from export.om import GearError, OmMoeLlavaSession, build_om
+    from moevl.export.graph import GearError
+    from moevl.export.om import build_om
 
-    om = OmMoeLlavaSession.emulated(build_om(onnx_dir, tmp_path / "om", soc="Ascend910B2", gears=GEARS, **QUIET))
+    om = open_om(build_om(onnx_dir, tmp_path / "om", soc="Ascend910B2", gears=GEARS, **QUIET), emulated=True)
     batch = ort_session.prepare(["Describe the image."], [[str(DEMO_IMAGE)]])
     assert batch.input_ids.shape[1] == 119
     assert greedy_tokens(om, batch, 12) == greedy_tokens(ort_session, batch, 12)
     assert [d.to_dict() for d in om.routing_decisions()] == [d.to_dict() for d in ort_session.routing_decisions()]
-    calls = {n: r.calls for n, r in om.runners.items()}
+    calls = {n: r.calls for n, r in om.runner.runners.items()}
     assert calls["vision"] == [(1,)] and calls["embedding"][0] == (160, 16)  # 119 tokens -> the 160 gear
     assert calls["decoder_prefill"] == [(160, 160, 161, 160)]
     # KV 119..129 over 11 decode steps: the 128 gear, then 256 once the cache passes 128
@@ -302,7 +304,7 @@ def test_om_loop_over_gear_shaped_sessions_matches_ort(onnx_dir, ort_session, tm
     # three images: padded to the 4-image gear, 48 feature rows to the 64-row gear
     three = ort_session.prepare(["Compare them."], [[str(DEMO_IMAGE)] * 3])
     assert greedy_tokens(om, three, 4) == greedy_tokens(ort_session, three, 4)
-    assert om.runners["vision"].calls[-1] == (4,) and om.runners["embedding"].calls[-4] == (160, 64)
+    assert om.runner.runners["vision"].calls[-1] == (4,) and om.runner.runners["embedding"].calls[-4] == (160, 64)
     text = ort_session.prepare(["What colour is the circle?"])
     assert greedy_tokens(om, text, 6) == greedy_tokens(ort_session, text, 6)
     with pytest.raises(GearError, match="largest gear"):

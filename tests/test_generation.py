@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ascend.device import resolve_device
-from model.generate import GenerationConfig, generate, sample
-from model.tiny import TINY_TOKENIZER
+from moevl.ascend.device import resolve_device
+from moevl.model.generate import GenerationConfig, generate, sample
+from moevl.model.awaker.tiny import TINY_TOKENIZER
 
 
 class ScriptedSession:

@@ -6,8 +6,9 @@ branch in the input dtype where the reference accumulates it in fp32; x A^T is r
 import pytest
 import torch
 
-from kernels import get_kernels, reference
-from kernels import fast
+from moevl.kernels import get_kernels, reference
+from moevl.kernels import cpu
+from moevl.kernels import export as kexport
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
@@ -71,7 +72,7 @@ def test_global_expert_chosen_as_task_expert_counts_once():
     x, W, bias, A, B, _, scales = lora_case(2, 3, 16, 24, 4, 5, torch.float32)
     expert = torch.tensor([4, 1])
     ref = reference.lora_moe_linear(x, W, bias, reference.lora_moe_prepare(A, B, expert, scales))
-    out = fast.lora_moe_linear(x, W, bias, fast.lora_moe_prepare(A, B, expert, scales))
+    out = cpu.lora_moe_linear(x, W, bias, cpu.lora_moe_prepare(A, B, expert, scales))
     close(out, ref, torch.float32)
 
 
@@ -90,14 +91,14 @@ def test_merged_strategy_equals_unmerged(batch, t):
 def test_should_merge_at_the_extremes():
     gib = 2**30
     # one long request, plenty of memory: merge
-    assert fast.should_merge(10**6, 1, 3584, 18944, 256, 64 * gib)
+    assert cpu.should_merge(10**6, 1, 3584, 18944, 256, 64 * gib)
     # a single token never repays a 70 GFLOP merge
-    assert not fast.should_merge(1, 1, 3584, 18944, 256, 64 * gib)
+    assert not cpu.should_merge(1, 1, 3584, 18944, 256, 64 * gib)
     # no memory for the private copy
-    assert not fast.should_merge(10**6, 1, 3584, 18944, 256, 100 * 2**20)
+    assert not cpu.should_merge(10**6, 1, 3584, 18944, 256, 100 * 2**20)
     # a batch reads one private W per request each step: never pays
-    assert not fast.should_merge(10**6, 8, 3584, 18944, 256, 10**6 * gib)
-    assert fast.merge_break_even_tokens(8, 3584, 18944, 256) == float("inf")
+    assert not cpu.should_merge(10**6, 8, 3584, 18944, 256, 10**6 * gib)
+    assert cpu.merge_break_even_tokens(8, 3584, 18944, 256) == float("inf")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -138,9 +139,9 @@ def test_swiglu_matches_reference():
 
 def test_backends_are_registered():
     ops = get_kernels("cpu")
-    assert ops.name == "cpu" and ops.lora_moe_linear is fast.lora_moe_linear
-    assert get_kernels("cuda").attention is fast.attention
-    assert get_kernels("export").lora_moe_linear is fast.lora_moe_linear_dense
+    assert ops.name == "cpu" and ops.lora_moe_linear is cpu.lora_moe_linear
+    assert get_kernels("cuda").attention is cpu.attention
+    assert get_kernels("export").lora_moe_linear is kexport.lora_moe_linear_dense
     for name in ("reference", "cpu", "cuda", "cpu-merged", "export"):
         assert get_kernels(name).moe_ffn is not None
 
@@ -152,12 +153,12 @@ def test_single_request_plan_serves_prefill_then_decode(rank_major):
     x, W, bias, A, B, expert, scales = lora_case(1, 6, 37, 53, 256, 5, torch.float32)
     if rank_major:
         B = B.transpose(1, 2).contiguous().transpose(1, 2)
-    plan = fast.lora_moe_prepare(A, B, expert, scales)
+    plan = cpu.lora_moe_prepare(A, B, expert, scales)
     ref_plan = reference.lora_moe_prepare(A, B, expert, scales)
-    torch.testing.assert_close(fast.lora_moe_linear(x, W, bias, plan),
+    torch.testing.assert_close(cpu.lora_moe_linear(x, W, bias, plan),
                                reference.lora_moe_linear(x, W, bias, ref_plan), rtol=1e-5, atol=1e-5)
     for t in range(3):
         step = x[:, t:t + 1]
-        torch.testing.assert_close(fast.lora_moe_linear(step, W, bias, plan),
+        torch.testing.assert_close(cpu.lora_moe_linear(step, W, bias, plan),
                                    reference.lora_moe_linear(step, W, bias, ref_plan), rtol=1e-5, atol=1e-5)
     assert len(plan.stacked) == 1  # stacked once, reused

@@ -7,12 +7,13 @@ import shutil
 import pytest
 import torch
 
-from ascend.device import resolve_device
-from kernels import get_kernels
-from model.api import load
-from model.loader import CheckpointError, load_awaker, save
-from model.session import AwakerSession
-from model.tiny import DEMO_IMAGE
+from moevl.ascend.device import resolve_device
+from moevl.kernels import get_kernels
+from moevl import load
+from moevl.model.awaker.checkpoint import load_awaker
+from moevl.model.checkpoint import CheckpointError, save
+from moevl.model.awaker.session import AwakerSession
+from moevl.model.tiny import DEMO_IMAGE
 from tests.awaker_fixtures import random_adapters, tiny_hf_model, write_hf_folder, write_release
 
 CPU = resolve_device("cpu")
@@ -125,7 +126,7 @@ def test_config_and_tokenizer_from_different_models(hf, tmp_path):
 
 
 def test_unknown_device_is_a_clear_error():
-    from ascend.errors import DeviceError
+    from moevl.ascend.errors import DeviceError
 
     with pytest.raises(DeviceError, match="cpu"):
         load("awaker-tiny", device="tpu")

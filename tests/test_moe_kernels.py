@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import get_kernels
-from kernels.moe import MoeExperts, gumbel_noise, moe_ffn, route
+from moevl.kernels import get_kernels
+from moevl.kernels.moe import MoeExperts, gumbel_noise, moe_ffn, route
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -64,7 +64,7 @@ def test_dispatch_matches_reference_low_precision(impl, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dropless_grouped_mm_path_matches_reference(dtype):
     # the CUDA default (torch._grouped_mm over the sorted slices), exercised through its CPU kernel
-    from kernels.moe import experts_dropless, experts_reference
+    from moevl.kernels.moe import experts_dropless, experts_reference
     experts = make_experts("swiglu", 4, 32, 48, dtype)
     x, wg = make_inputs(29, 32, 4, dtype)
     x[:, 0] = 5.0

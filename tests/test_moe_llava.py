@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 
-from ascend.device import resolve_device
-from kernels import get_kernels
-from model.loader import CheckpointError
-from model.moe_llava_inputs import expand2square
-from model.moe_llava_loader import load_moe_llava, random_model, save_moe_llava
-from model.moe_llava_session import MoeLlavaSession
-from model.tiny import DEMO_IMAGE
+from moevl.ascend.device import resolve_device
+from moevl.kernels import get_kernels
+from moevl.model.checkpoint import CheckpointError
+from moevl.model.moe_llava.inputs import expand2square
+from moevl.model.moe_llava.checkpoint import load_moe_llava, random_model, save_moe_llava
+from moevl.model.moe_llava.session import MoeLlavaSession
+from moevl.model.tiny import DEMO_IMAGE
 from tests.awaker_fixtures import non_square_image
 from tests import moe_llava_fixtures as fx
 
@@ -65,10 +65,10 @@ def mixed_batch(s, tmp_path, n=3):
 # ------------------------------------------------------------------------------------------ dense parts
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_vision_tower_matches_transformers_second_to_last_layer_without_token_0(kind):
-    from model.moe_llava import VisionTower
-    from model.moe_llava_config import VisionTowerConfig
-    from model.moe_llava_loader import tower_state_dict
-    from kernels import KernelRef
+    from moevl.model.moe_llava.network import VisionTower
+    from moevl.model.moe_llava.config import VisionTowerConfig
+    from moevl.model.moe_llava.checkpoint import tower_state_dict
+    from moevl.kernels import KernelRef
 
     hf = fx.tiny_clip() if kind == "clip" else fx.tiny_siglip()
     v = VisionTowerConfig.from_hf(hf.config.to_dict())
@@ -140,9 +140,9 @@ def test_phi_moe_model_matches_reference_moe_batch_of_3(phi_parts, tmp_path, bac
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_moe_layer_with_idle_experts_matches_the_formula(backend):
     """Tokens built so that the router always picks experts 0 and 1: experts 2 and 3 get no tokens."""
-    from kernels import KernelRef
-    from model.moe_llava import MoeFFN
-    from model.moe_llava_config import moellava_tiny
+    from moevl.kernels import KernelRef
+    from moevl.model.moe_llava.network import MoeFFN
+    from moevl.model.moe_llava.config import moellava_tiny
 
     cfg = moellava_tiny()
     layer = MoeFFN(cfg, KernelRef(get_kernels(backend)))
@@ -248,9 +248,9 @@ def test_images_are_padded_to_square_with_the_processors_mean_colour(phi_session
 def test_checkpoint_in_the_original_layout_gives_the_outputs_of_the_model_it_came_from(tmp_path):
     """Our random model -> the original's key names (experts spread out, DeepSpeed names) -> load -> same logits;
     and our own format round-trips."""
-    from model.moe_llava_config import moellava_tiny
-    from model.moe_llava_loader import EXPERT_PARAM, TINY_ASSETS
-    from model.moe_llava_inputs import MoeLlavaProcessor
+    from moevl.model.moe_llava.config import moellava_tiny
+    from moevl.model.moe_llava.checkpoint import EXPERT_PARAM, TINY_ASSETS
+    from moevl.model.moe_llava.inputs import MoeLlavaProcessor
 
     cfg = moellava_tiny()
     model = random_model(cfg, seed=3)
@@ -296,11 +296,13 @@ def test_checkpoint_in_the_original_layout_gives_the_outputs_of_the_model_it_cam
     (tower / "preprocessor_config.json").write_text((TINY_ASSETS / "preprocessor_config.json").read_text())
     loaded = session(folder, tower)
     assert loaded.cfg.moe_layers == (0, 2)  # "sparse": every other layer from 0
-    assert (loaded.score(batch) - want).abs().max().item() < 1e-6
+    # the same weights in another memory layout (experts stacked from separate tensors): BLAS may block the sums
+    # differently, so equal up to fp32 rounding (1.07e-6 seen on a Xeon, 0 on an EPYC), not bit for bit
+    assert (loaded.score(batch) - want).abs().max().item() < 1e-5
 
     ours = save_moe_llava(loaded.model, loaded.processor, tmp_path / "ours")
     again = session(ours)
-    assert (again.score(batch) - want).abs().max().item() < 1e-6
+    assert (again.score(batch) - want).abs().max().item() < 1e-5
 
 
 def test_missing_and_misshaped_keys_are_reported_by_name(phi_parts, tmp_path):
@@ -344,7 +346,7 @@ def test_a_folder_without_tower_weights_or_tower_folder_says_what_to_pass(phi_pa
 
 # ------------------------------------------------------------------------------------------ CLI / API
 def test_demo_moe_llava_json(capsys):
-    from model.cli import main
+    from moevl.cli import main
 
     code = main(["demo", "--family", "moe-llava", "--json", "--device", "cpu", "--max-new-tokens", "4"])
     out = capsys.readouterr().out
@@ -356,7 +358,7 @@ def test_demo_moe_llava_json(capsys):
 
 
 def test_api_rejects_awaker_options_and_unknown_routing():
-    from model.api import load
+    from moevl import load
 
     with pytest.raises(ValueError, match="legacy|routing"):
         load("moellava-tiny", device="cpu", routing="legacy")

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ascend import npu_schema
-from ascend.npu_emulation import EmulatedTorchNpu, NpuRuleError, NpuStrictGuard
-from ascend.npu_schema import KIT_OPS, SchemaBindError, kit_schemas, parse_schema
-from kernels import moe, reference
-from kernels.npu import NpuKernels, check_no_reference_ops
+from moevl.ascend import npu_schema
+from moevl.ascend.npu_emulation import EmulatedTorchNpu, NpuRuleError, NpuStrictGuard
+from moevl.ascend.npu_schema import KIT_OPS, SchemaBindError, kit_schemas, parse_schema
+from moevl.kernels import moe, reference
+from moevl.kernels.npu import NpuKernels, check_no_reference_ops
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 E910, E310 = EmulatedTorchNpu("910B"), EmulatedTorchNpu("310P")
@@ -66,7 +66,7 @@ def test_cache_equals_the_wheel():
 
 
 def test_every_op_the_kit_calls_is_emulated_with_exactly_its_schema():
-    import kernels.npu as kit
+    import moevl.kernels.npu as kit
 
     called = set(re.findall(r"tnpu\.(\w+)\(", inspect.getsource(kit)))
     assert called and called <= set(KIT_OPS), f"kernels/npu.py calls ops without a cached schema: {called - set(KIT_OPS)}"
@@ -397,7 +397,7 @@ def test_strict_guard_rejects_host_sync_float64_and_conv3d():
 
 
 def test_strict_mode_rejects_reference_hot_ops():
-    from kernels import get_kernels
+    from moevl.kernels import get_kernels
 
     check_no_reference_ops(get_kernels("npu-emulated"))
     check_no_reference_ops(get_kernels("npu"))  # registering "npu" imports no torch_npu

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ascend.errors import DeviceError
-from ascend.npu_emulation import NpuRuleError
-from model.api import load
-from model.tiny import DEMO_IMAGE
+from moevl.ascend.errors import DeviceError
+from moevl.ascend.npu_emulation import NpuRuleError
+from moevl import load
+from moevl.model.tiny import DEMO_IMAGE
 
 FP32_TOL, FP16_TOL = 2e-4, 0.1
 QUESTIONS = ["What is in the picture?", "Describe a cat sitting on a mat near the window."]
@@ -94,7 +94,7 @@ def test_npu_flags_are_rejected_off_the_npu():
 
 
 def test_cli_has_the_npu_flags():
-    from model.cli import build_parser
+    from moevl.cli import build_parser
 
     args = build_parser().parse_args(["run", "--model", "awaker-tiny", "--device", "npu-emulated", "--strict-npu",
                                       "--compile"])

@@ -1,6 +1,6 @@
-"""Fast CPU/CUDA variants of the hot ops; registers backends "cpu", "cuda", "cpu-merged", "cuda-merged", "export".
+"""Fast CPU/CUDA variants of the hot ops; registers backends "cpu", "cuda", "cpu-merged", "cuda-merged".
 
-The "export" backend (bottom) is what export/ traces: dense static-shape formulations only.
+The static-shape variants that export/ traces are in :mod:`moevl.kernels.export`.
 
 Each op here has its oracle in :mod:`kernels.reference` (or :mod:`kernels.moe` for the MoE FFN) and a test in
 tests/test_kernels.py / tests/test_moe_kernels.py that compares the two; benchmarks/kernels.py measures them.
@@ -25,8 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels import moe, reference
-from kernels.dispatch import Kernels, _BACKENDS, register_backend
+from moevl.kernels import moe, reference
+from moevl.kernels.dispatch import Kernels, _BACKENDS, register_backend
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,71 +252,3 @@ def _fast(name: str, merged: bool = False) -> Kernels:
 for _name in ("cpu", "cuda"):
     register_backend(_fast(_name))
     register_backend(_fast(f"{_name}-merged", merged=True))
-
-# ---------------------------------------------------------------------------------------------------------------
-# Export (ONNX / ATC): static shapes, no data-dependent indexing, no Python loop over requests
-# ---------------------------------------------------------------------------------------------------------------
-
-class DenseLoraPlan(NamedTuple):
-    """All experts of one linear stacked into one rank X*r LoRA, with each request's gate weight per rank block.
-
-    lora_A [X*r, in]; lora_Bt [X*r, out]; gate [B, X*r]: the task scale on the request's expert block, the global
-    scale on the global block (0 if the task expert *is* the global one, counted once as in the reference), 0 on
-    the others. Every request runs every expert's rank block (X/2 times the LoRA FLOPs of the gathered plan), in
-    exchange for a graph with only MatMul/Mul (what ONNX/ATC take well; see shared/notes/onnx.md).
-    """
-
-    lora_A: torch.Tensor
-    lora_Bt: torch.Tensor
-    gate: torch.Tensor
-
-
-def lora_moe_prepare_dense(lora_A, lora_B, expert, scales):
-    """lora_A [X, r, in], lora_B [X, out, r], expert [B] long, scales [B, 2] -> DenseLoraPlan (traceable)."""
-    x_experts, r, d_in = lora_A.shape
-    g = x_experts - 1
-    ids = torch.arange(x_experts, device=expert.device)
-    is_task = (ids[None, :] == expert[:, None]).to(scales.dtype)                       # [B, X]
-    is_glob = ((ids[None, :] == g) & (expert[:, None] != g)).to(scales.dtype)           # [B, X]
-    if x_experts == 1:  # plain LoRA: the single expert once, with the task scale
-        is_glob = torch.zeros_like(is_glob)
-    w = is_task * scales[:, :1] + is_glob * scales[:, 1:]                               # [B, X]
-    gate = w[:, :, None].expand(-1, -1, r).reshape(expert.shape[0], x_experts * r)      # [B, X*r]
-    A = lora_A.reshape(x_experts * r, d_in)
-    Bt = lora_B.permute(0, 2, 1).reshape(x_experts * r, -1)
-    return DenseLoraPlan(A, Bt, gate)
-
-
-def lora_moe_linear_dense(x, weight, bias, plan):
-    """x [B, T, in] -> [B, T, out]: base linear + ((x A^T) * gate) Bt, the branch in fp32 as the reference."""
-    y = F.linear(x, weight, bias)
-    if plan is None:
-        return y
-    if isinstance(plan, reference.LoraPlan):
-        plan = lora_moe_prepare_dense(*plan)
-    h = torch.matmul(x.float(), plan.lora_A.float().t()) * plan.gate.float()[:, None, :]  # [B, T, X*r]
-    return (y.float() + torch.matmul(h, plan.lora_Bt.float())).to(y.dtype)
-
-
-def attention_export(q, k, v, keep_mask, scale):
-    """The reference's math with GQA as Expand/Reshape (no repeat_interleave) and masking by Where; fully masked
-    rows give zeros. q [B, Hq, T, D]; k, v [B, Hkv, S, D]; keep_mask [B, 1, T, S] bool."""
-    b, hkv, s, d = k.shape
-    rep = q.shape[1] // hkv
-    if rep > 1:
-        k = k[:, :, None].expand(b, hkv, rep, s, d).reshape(b, hkv * rep, s, d)
-        v = v[:, :, None].expand(b, hkv, rep, s, d).reshape(b, hkv * rep, s, d)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    scores = torch.where(keep_mask, scores, torch.finfo(torch.float32).min)
-    probs = torch.softmax(scores, dim=-1) * keep_mask.any(-1, keepdim=True).float()
-    return torch.matmul(probs, v.float()).to(q.dtype)
-
-
-def layer_norm_export(x, weight, bias, eps):
-    # the normalised width as a Python int: a traced size here is a non-constant list the ONNX exporter refuses
-    return F.layer_norm(x, (int(weight.shape[0]),), weight, bias, eps)
-
-
-register_backend(dataclasses.replace(
-    _BACKENDS["reference"], name="export", layer_norm=layer_norm_export, moe_ffn=moe.moe_ffn_dense, patch_embed=patch_embed,
-    attention=attention_export, lora_moe_prepare=lora_moe_prepare_dense, lora_moe_linear=lora_moe_linear_dense))

@@ -1,4 +1,5 @@
-"""``moevl``: the command line, a thin layer over model.api, ascend, export and benchmarks."""
+"""``moevl``: the command line, a thin layer over ``moevl.load`` (run, demo), moevl.ascend (info, doctor),
+moevl.export (export) and moevl.benchmarks (bench)."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ def _add_model_args(p, default_model=None):
     p.add_argument("--base", help="Awaker release only: the Qwen2-VL folder with config.json and tokenizer")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | npu[:N] | npu-emulated[:910B|:310P]")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the device's preferred dtype)")
-    p.add_argument("--routing", default="prefill", choices=["prefill", "legacy"],
+    p.add_argument("--routing", default=None, choices=["prefill", "legacy"],
                    help="Awaker: route once at prefill (default) or per step as the original generate does")
     _add_npu_args(p)
 
@@ -40,14 +41,21 @@ def _add_generation_args(p):
 
 
 def run_generation(args) -> int:
-    from model.api import load
+    import moevl
 
-    options = {"routing": args.routing, "base": args.base, "max_context": args.max_context}
-    for extra in ("moe_routing", "vision_tower", "strict_npu", "compile"):
-        if getattr(args, extra, None) is not None:
-            options[extra] = getattr(args, extra)
-    vl = load(args.model, device=args.device, dtype=args.dtype, **options)
-    return answer_and_report(vl, args)
+    backend = getattr(args, "backend", "torch")
+    options = {"max_context": args.max_context, "log": _eprint if backend == "ort" else None}
+    for name in ("routing", "base", "moe_routing", "vision_tower", "provider", "quantize"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    vl = moevl.load(args.model, device=args.device, backend=backend, dtype=args.dtype,
+                    strict_npu=getattr(args, "strict_npu", None), compile=getattr(args, "compile", False),
+                    **options)
+    return answer_and_report(vl, args, backend=backend)
+
+
+def _eprint(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def answer_and_report(vl, args, backend: str = "torch") -> int:
@@ -85,27 +93,33 @@ def answer_and_report(vl, args, backend: str = "torch") -> int:
 
 
 def cmd_run(args) -> int:
-    if getattr(args, "backend", "torch") not in (None, "torch"):
-        from export.runtime import run_exported  # noqa: PLC0415
+    if args.backend == "torch":
+        return run_generation(args)
+    from moevl.export.session import RUNTIME_ERRORS
 
-        return run_exported(args)
-    return run_generation(args)
+    try:  # a missing runtime, provider or file, or a call no compiled gear fits: exit 1, as export errors
+        return run_generation(args)
+    except RUNTIME_ERRORS as e:
+        print(f"moevl run --backend {args.backend}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_demo(args) -> int:
-    from model.tiny import DEMO_IMAGE
+    from moevl.model.tiny import DEMO_IMAGE
 
-    args.model = "moellava-tiny" if args.family == "moe-llava" else "awaker-tiny"
+    from moevl.model import family
+
+    args.model = family.get(args.family).demo
     args.image = args.image or [str(DEMO_IMAGE)]
-    if args.family == "awaker" and not args.json:
-        print("moevl demo: awaker-tiny has RANDOM weights (the full Awaker structure at toy size): the answer "
-              "is noise. Point `moevl run --model <folder>` at a real Awaker2.5-VL or Qwen2-VL checkpoint.",
-              file=sys.stderr)
+    if not args.json:
+        print(f"moevl demo: {args.model} has RANDOM weights (the full {args.family} structure at toy size): the "
+              "answer is noise. Point `moevl run --model <folder>` at a real checkpoint.", file=sys.stderr)
     return run_generation(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ascend.cli_commands import add_doctor_parser, add_info_parser
+    from moevl.ascend.cli_commands import add_doctor_parser, add_info_parser
+    from moevl.model.family import families
 
     parser = argparse.ArgumentParser(prog="moevl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.add_argument("--backend", default="torch", choices=["torch", "ort", "om"],
                    help="torch (default), ort (an exported ONNX folder), om (Ascend OM folder)")
-    p.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu | cuda | cann")
+    p.add_argument("--provider", default=None, help="ONNX Runtime execution provider: cpu (default) | cuda | cann")
     p.add_argument("--quantize", default=None, choices=["int8"], help="ort: dynamic int8 decoder")
     p.add_argument("--moe-routing", default=None, choices=["deterministic", "deepspeed"],
                    help="MoE-LLaVA: deterministic top-2 (default) or the original's Gumbel second expert")
@@ -123,10 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="run the built-in tiny preset on the bundled image")
-    p.add_argument("--family", default="awaker", choices=["awaker", "moe-llava"])
+    p.add_argument("--family", default=next(iter(families())), choices=list(families()))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
-    p.add_argument("--routing", default="prefill", choices=["prefill", "legacy"])
+    p.add_argument("--routing", default=None, choices=["prefill", "legacy"])
     p.add_argument("--base", default=None, help=argparse.SUPPRESS)
     _add_npu_args(p)
     _add_generation_args(p)
@@ -134,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_info_parser(sub)
     add_doctor_parser(sub)
-    for mod, fn in (("benchmarks.cli", "add_bench_parser"), ("export.cli", "add_export_parser")):
+    for mod, fn in (("moevl.benchmarks.cli", "add_bench_parser"), ("moevl.export.cli", "add_export_parser")):
         try:
             module = __import__(mod, fromlist=[fn])
         except ModuleNotFoundError as e:
@@ -146,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ascend.errors import DeviceError
-    from model.inputs import InputError
-    from model.loader import CheckpointError
+    from moevl.ascend.errors import DeviceError
+    from moevl.model.checkpoint import CheckpointError
+    from moevl.model.request import InputError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -2,19 +2,18 @@
 
 Written for deployment: static KV cache, no data-dependent Python control flow inside ``forward``, hot ops
 through ``kernels``. Everything data-dependent (M-RoPE positions, vision position ids and block-diagonal
-mask, the routers' prompt span) is computed in ``model.inputs`` before the network runs.
+mask, the routers' prompt span) is computed in ``moevl.model.awaker.inputs`` before the network runs.
 """
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import KernelRef
-from model.config import AwakerConfig
-from model.layers import AdaptedLinear, KVCache, LayerNorm, RMSNorm, Router
+from moevl.kernels import KernelRef
+from moevl.model.awaker.config import AwakerConfig
+from moevl.model.awaker.lora_moe import AdaptedLinear, LayerRouting, Router, route_layer
+from moevl.model.layers import CachedDecoder, KVCache, LayerNorm, RMSNorm
 
 
 # ----------------------------------------------------------------------------------------------- vision
@@ -86,17 +85,6 @@ class VisionTower(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- text
-@dataclasses.dataclass
-class LayerRouting:
-    """The routing decisions of one decoder layer for every request, and the prepared expert plans."""
-
-    attn_expert: torch.Tensor  # [B] long
-    attn_p: torch.Tensor       # [B] fp32
-    mlp_expert: torch.Tensor
-    mlp_p: torch.Tensor
-    plans: dict                # linear name -> opaque plan from kernels
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: AwakerConfig, ops: KernelRef):
         super().__init__()
@@ -117,31 +105,14 @@ class DecoderLayer(nn.Module):
         self.mlp.up_proj = AdaptedLinear(h, cfg.intermediate_size, False, x, a.rank, ops)
         self.mlp.down_proj = AdaptedLinear(cfg.intermediate_size, h, False, x, a.rank, ops)
         if a.num_experts:
-            self.self_attn.o_proj.router = Router(h, a.num_experts, a.router_eps)
-            self.mlp.gate_proj.router = Router(h, a.num_experts, a.router_eps)
+            self.self_attn.o_proj.router = Router(h, a.num_experts, a.router_eps, ops)
+            self.mlp.gate_proj.router = Router(h, a.num_experts, a.router_eps, ops)
         self.scaling = a.scaling
         self.ops = ops
 
     def route(self, e: torch.Tensor) -> LayerRouting:
         """Instance-level routing from the pooled prompt embedding e [B, hidden]."""
-        o, g = self.self_attn.o_proj, self.mlp.gate_proj
-        ea, pa, _ = o.router(e)
-        em, pm, _ = g.router(e)
-        return LayerRouting(ea, pa.float(), em, pm.float(), self.prepare_plans(ea, pa, em, pm))
-
-    def prepare_plans(self, ea, pa, em, pm) -> dict:
-        s = self.scaling
-        # y = Wx + p^2 s B_k A_k x + (1 - p) s B_g A_g x  (p squared, as released; 1 - p in fp16 as the original)
-        def scales(p):
-            return torch.stack([p.float() ** 2 * s, (1 - p.half()).float() * s], dim=-1)
-
-        sa, sm = scales(pa), scales(pm)
-        return {
-            "o_proj": self.self_attn.o_proj.prepare(ea, sa),
-            "gate_proj": self.mlp.gate_proj.prepare(em, sm),
-            "up_proj": self.mlp.up_proj.prepare(em, sm),
-            "down_proj": self.mlp.down_proj.prepare(em, sm),
-        }
+        return route_layer(self.self_attn, self.mlp, self.scaling, e)
 
     def forward(self, x, cos, sin, cache: KVCache, cache_pos, keep, plans: dict | None):
         plans = plans or {}
@@ -169,7 +140,7 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
 
-class AwakerModel(nn.Module):
+class AwakerModel(CachedDecoder):
     """The whole network. ``forward`` runs the decoder on prepared embeddings with a static KV cache."""
 
     def __init__(self, cfg: AwakerConfig, kernels=None):
@@ -209,12 +180,6 @@ class AwakerModel(nn.Module):
     def has_adapters(self) -> bool:
         return self.cfg.adapters.num_experts > 0
 
-    def setup_caches(self, batch: int, max_len: int) -> None:
-        p = self.lm_head.weight
-        self.caches = nn.ModuleList(
-            KVCache(batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, p.dtype, p.device)
-            for _ in self.model.layers)
-
     # -- pieces of one request
     def encode_images(self, patches, pos_hw, keep):
         return self.visual(patches.to(self.lm_head.weight.dtype), pos_hw, keep)
@@ -223,7 +188,7 @@ class AwakerModel(nn.Module):
         """Token embeddings with the image features written into the image-pad positions."""
         emb = self.model.embed_tokens(input_ids)
         if image_features is not None:
-            emb = emb.masked_scatter(image_mask[..., None], image_features.to(emb.dtype))
+            emb = self.ops.insert_image_features(emb, image_features, image_mask)
         return emb
 
     def route(self, pooled: torch.Tensor) -> list[LayerRouting]:
@@ -241,5 +206,3 @@ class AwakerModel(nn.Module):
             x = layer(x, cos, sin, cache, cache_pos, keep, r.plans if r is not None else None)
         return self.model.norm(x)
 
-    def logits(self, hidden):
-        return self.lm_head(hidden).float()

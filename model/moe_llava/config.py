@@ -11,7 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from model.config import ConfigError
+from moevl.model.checkpoint import ConfigError, read_json  # noqa: F401  (read_json: config files)
 
 IMAGE_TOKEN_INDEX = -200  # the original's <image> sentinel in input_ids
 SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
@@ -206,15 +206,6 @@ def moe_layer_indices(moe: dict, num_layers: int) -> list[int]:
     if mode not in modes:
         raise ConfigError(f"moe_mode {mode!r} is not one of {sorted(modes)}")
     return modes[mode]
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{path} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------ presets

@@ -1,17 +1,13 @@
-"""A loaded MoE-LLaVA model on a device, ready to answer; the same interface as ``model.session.AwakerSession``.
-
-    vl = load("moellava-tiny", device="cpu")               # or a MoE-LLaVA folder (+ vision_tower=<folder>)
-    res = vl.ask("What is in the picture?", images=["cat.png"], max_new_tokens=32)
-"""
+"""A loaded MoE-LLaVA model on a device, ready to answer (``moevl.load("moellava-tiny")`` or a MoE-LLaVA folder
+with ``vision_tower=<folder>``)."""
 from __future__ import annotations
 
 import dataclasses
 
 import torch
 
-from model.moe_llava import MoeLlavaModel
-from model.moe_llava_inputs import MoeLlavaBatch, MoeLlavaProcessor
-from model.session import CacheState, SessionBase
+from moevl.model.moe_llava.inputs import MoeLlavaBatch
+from moevl.model.session import TorchSession
 
 MOE_ROUTING_MODES = ("deterministic", "deepspeed")
 
@@ -34,7 +30,26 @@ class MoeRoutingDecision:
         return dataclasses.asdict(self)
 
 
-class MoeLlavaSession(SessionBase):
+def routing_decisions(expert_counts: dict) -> list[MoeRoutingDecision]:
+    """{MoE layer: counts [B, E]} -> one MoeRoutingDecision per layer (PyTorch and exported sessions alike)."""
+    out = []
+    for layer, counts in sorted(expert_counts.items()):
+        c = torch.as_tensor(counts).cpu()
+        share = c.float() / c.sum(-1, keepdim=True).clamp(min=1)
+        p, e = share.max(-1)
+        out.append(MoeRoutingDecision(layer, "moe", e.tolist(), [round(x, 6) for x in p.tolist()], c.tolist()))
+    return out
+
+
+def count_experts(counts: torch.Tensor, idx: torch.Tensor, real: torch.Tensor, num_experts: int) -> None:
+    """counts [B, E] += the token-slots each request's real tokens (real [B, T] bool) sent to each expert;
+    idx [B*T, k] (or [B, T, k]) the experts each token chose."""
+    b, t = real.shape
+    onehot = torch.nn.functional.one_hot(idx.reshape(b * t, -1), num_experts).sum(1).view(b, t, -1)  # [B, T, E]
+    counts += (onehot * real[..., None]).sum(1)
+
+
+class MoeLlavaSession(TorchSession):
     """Model + processor + device.
 
     moe_routing="deterministic" (default): the second expert is the second-largest softmax probability.
@@ -44,55 +59,41 @@ class MoeLlavaSession(SessionBase):
 
     family = "moe-llava"
 
-    def __init__(self, model: MoeLlavaModel, processor: MoeLlavaProcessor, device,
-                 moe_routing: str = "deterministic", moe_seed: int = 0, max_context: int | None = None):
+    def __init__(self, model, processor, device, moe_routing: str = "deterministic", moe_seed: int = 0,
+                 max_context: int | None = None):
         if moe_routing not in MOE_ROUTING_MODES:
             raise ValueError(f"moe_routing must be one of {MOE_ROUTING_MODES}, not {moe_routing!r}")
-        self.model = model.eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.device = device
-        self.cfg = model.cfg
+        super().__init__(model, processor, device, max_context)
         self.moe_routing = moe_routing
         self.moe_seed = moe_seed
-        self.max_context = max_context or model.cfg.max_position_embeddings
-        self.eos_token_ids = set(model.cfg.eos_token_ids)
-        self.pad_token_id = model.cfg.pad_token_id
         self.expert_counts: dict[int, torch.Tensor] = {}  # MoE layer -> [B, E] token-slots per expert
-        self._cache = None
         self._generator = None
 
     def _run(self, embeds, positions, cache_pos, keep, real):
         """The decoder over one step; counts each real token's experts. real [B, T] bool."""
         hidden, chosen = self.model(embeds, positions, cache_pos, keep, self.moe_routing, self._generator)
-        b, t = real.shape
         for layer, idx in chosen.items():  # idx [B*T, k]
-            onehot = torch.nn.functional.one_hot(idx, self.cfg.num_experts).sum(1).view(b, t, -1)  # [B, T, E]
-            self.expert_counts[layer] += (onehot * real[..., None]).sum(1)
+            count_experts(self.expert_counts[layer], idx, real, self.cfg.num_experts)
         return hidden
 
     # ------------------------------------------------------------------ the two steps generation drives
-    @torch.inference_mode()
-    def prefill(self, batch: MoeLlavaBatch, max_len: int) -> torch.Tensor:
+    def _prefill(self, batch: MoeLlavaBatch, max_len: int) -> torch.Tensor:
         m, dev = self.model, self.device.torch_device
-        batch = batch.to(dev)
         b = batch.input_ids.shape[0]
-        m.setup_caches(b, max_len)
+        cache = self._setup(batch, max_len)
         feats = m.encode_images(batch.pixels) if batch.pixels is not None else None
         embeds = m.embed(batch.input_ids, feats, batch.image_mask)
         self._generator = None
         if self.moe_routing == "deepspeed":
             self._generator = torch.Generator(device=dev).manual_seed(self.moe_seed)
-        self._cache = CacheState(batch.attention_mask, batch.next_position, max_len)
         self.expert_counts = {i: torch.zeros(b, self.cfg.num_experts, dtype=torch.long, device=dev)
                               for i in m.moe_layer_indices}
-        cache_pos, keep = self._cache.prompt()
+        cache_pos, keep = cache.prompt()
         hidden = self._run(embeds, batch.positions, cache_pos, keep, batch.attention_mask.bool())
         self._last_hidden = hidden
         return m.logits(hidden[:, -1])
 
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
         cache_pos, keep, pos = self._cache.step()
         real = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
@@ -101,24 +102,4 @@ class MoeLlavaSession(SessionBase):
 
     # ------------------------------------------------------------------ user-facing
     def routing_decisions(self) -> list[MoeRoutingDecision]:
-        out = []
-        for layer, counts in sorted(self.expert_counts.items()):
-            c = counts.cpu()
-            share = c.float() / c.sum(-1, keepdim=True).clamp(min=1)
-            p, e = share.max(-1)
-            out.append(MoeRoutingDecision(layer, "moe", e.tolist(), [round(x, 6) for x in p.tolist()], c.tolist()))
-        return out
-
-
-def load_session(spec, device, dtype=None, moe_routing=None, vision_tower=None, max_context=None, moe_seed=0,
-                 routing="prefill", base=None, **unused) -> MoeLlavaSession:
-    """model.api's loader for the "moe-llava" family."""
-    from model.api import _kernels_for, _reject_unknown_options
-    from model.moe_llava_loader import load_moe_llava
-
-    # routing/base are the Awaker options the CLI always passes; only their defaults make sense here
-    _reject_unknown_options("moe-llava", dict(unused, routing=None if routing == "prefill" else routing, base=base))
-    model, proc = load_moe_llava(spec, device, dtype, vision_tower=vision_tower)
-    model.set_kernels(_kernels_for(device))
-    return MoeLlavaSession(model, proc, device, moe_routing=moe_routing or "deterministic", moe_seed=moe_seed,
-                           max_context=max_context)
+        return routing_decisions(self.expert_counts)

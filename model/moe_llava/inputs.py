@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from model.inputs import InputError, load_image
-from model.moe_llava_config import IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, MoeLlavaConfig
+from moevl.model.request import InputError, check_image_lists, check_prompt_length, left_pad, load_image
+from moevl.model.moe_llava.config import IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, MoeLlavaConfig
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -127,9 +127,7 @@ class MoeLlavaProcessor:
 
     def __call__(self, prompts: list[str], images: list[list] | None = None,
                  max_length: int | None = None) -> MoeLlavaBatch:
-        images = images or [[] for _ in prompts]
-        if len(images) != len(prompts):
-            raise InputError(f"{len(prompts)} prompts but {len(images)} image lists")
+        images = check_image_lists(prompts, images)
         seqs, all_images = [], []
         for prompt, imgs in zip(prompts, images):
             n = prompt.count(IMAGE_PLACEHOLDER)
@@ -137,9 +135,7 @@ class MoeLlavaProcessor:
                 raise InputError(f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholders but {len(imgs)} images "
                                  "were given")
             ids = self.tokenize(prompt)
-            if max_length is not None and len(ids) >= max_length:
-                raise InputError(f"the prompt is {len(ids)} tokens long (image tokens included) but the context "
-                                 f"is {max_length}: shorten the question or raise --max-context")
+            check_prompt_length(len(ids), max_length, "shorten the question or raise --max-context")
             seqs.append(ids)
             all_images.extend(imgs)
         return collate(seqs, self.pixels(all_images) if all_images else None, self.cfg.pad_token_id)
@@ -147,11 +143,6 @@ class MoeLlavaProcessor:
 
 def collate(seqs: list[list[int]], pixels, pad_token_id: int) -> MoeLlavaBatch:
     """Left-pad; positions count the real tokens of each request from 0."""
-    b, length = len(seqs), max(len(s) for s in seqs)
-    input_ids = torch.full((b, length), pad_token_id, dtype=torch.long)
-    mask = torch.zeros(b, length, dtype=torch.long)
-    for i, ids in enumerate(seqs):
-        input_ids[i, length - len(ids):] = torch.tensor(ids)
-        mask[i, length - len(ids):] = 1
+    input_ids, mask = left_pad(seqs, pad_token_id)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return MoeLlavaBatch(input_ids, mask, positions, mask.sum(-1), pixels)

@@ -12,11 +12,8 @@ from pathlib import Path
 
 import torch
 
-from model.config import AwakerConfig
-
-
-class InputError(ValueError):
-    """A request the model cannot take (unreadable image, prompt too long, malformed chat)."""
+from moevl.model.awaker.config import AwakerConfig
+from moevl.model.request import InputError, check_image_lists, check_prompt_length, left_pad, load_image
 
 
 @dataclasses.dataclass
@@ -39,21 +36,6 @@ class AwakerBatch:
     def to(self, device):
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return AwakerBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
-
-
-def load_image(path_or_image):
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(path_or_image, Image.Image):
-        return path_or_image.convert("RGB")
-    path = Path(path_or_image)
-    if not path.is_file():
-        raise InputError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"image {path} could not be read ({e}); give a PNG/JPEG/WebP/... file") from e
 
 
 # ------------------------------------------------------------------------------------ positions
@@ -213,9 +195,7 @@ class AwakerProcessor:
     def __call__(self, prompts: list[str], images: list[list] | None = None,
                  max_length: int | None = None) -> AwakerBatch:
         cfg = self.cfg
-        images = images or [[] for _ in prompts]
-        if len(images) != len(prompts):
-            raise InputError(f"{len(prompts)} prompts but {len(images)} image lists")
+        images = check_image_lists(prompts, images)
         merge = cfg.vision.spatial_merge_size
         all_patches, grids, seqs = [], [], []
         image_token = self.tokenizer.convert_ids_to_tokens(cfg.image_token_id)
@@ -234,9 +214,8 @@ class AwakerProcessor:
             for g, part in zip(sample_grids, parts[1:]):
                 text += image_token * (g[0] * g[1] * g[2] // merge ** 2) + part
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if max_length is not None and len(ids) >= max_length:
-                raise InputError(f"the prompt is {len(ids)} tokens long (images included) but the context is "
-                                 f"{max_length}: shorten the question, use a smaller image, or raise --max-context")
+            check_prompt_length(len(ids), max_length,
+                                "shorten the question, use a smaller image, or raise --max-context")
             seqs.append(ids)
             grids.extend(sample_grids)
         return collate(seqs, grids, all_patches, cfg)
@@ -244,17 +223,14 @@ class AwakerProcessor:
 
 def collate(seqs: list[list[int]], grids, all_patches, cfg: AwakerConfig) -> AwakerBatch:
     """Left-pad a batch and compute positions, spans and vision inputs."""
-    b, length = len(seqs), max(len(s) for s in seqs)
-    input_ids = torch.full((b, length), cfg.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(b, length, dtype=torch.long)
+    input_ids, mask = left_pad(seqs, cfg.pad_token_id)
+    b, length = input_ids.shape
     positions = torch.zeros(3, b, length, dtype=torch.long)
     next_pos = torch.zeros(b, dtype=torch.long)
     span = torch.zeros(b, 2, dtype=torch.long)
     g = 0
     for i, ids in enumerate(seqs):
         off = length - len(ids)
-        input_ids[i, off:] = torch.tensor(ids)
-        mask[i, off:] = 1
         n_img = sum(1 for j, t in enumerate(ids) if t == cfg.image_token_id
                     and (j == 0 or ids[j - 1] != cfg.image_token_id))
         pos, nxt = mrope_positions(ids, grids[g:g + n_img], cfg)

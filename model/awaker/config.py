@@ -5,9 +5,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    pass
+from moevl.model.checkpoint import ConfigError
 
 
 @dataclasses.dataclass

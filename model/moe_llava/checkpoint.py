@@ -6,7 +6,7 @@ Sources:
       come from the shards when they hold them, otherwise from a local CLIP/SigLIP folder (``vision_tower=``),
       which also gives the tower's config and image processor settings;
   (b) our own format (``moevl_config.json`` with family "moe-llava" + model.safetensors + tokenizer/processor).
-Unknown, missing and mis-shaped keys are reported by name (``model.loader.assign_weights``).
+Unknown, missing and mis-shaped keys are reported by name (``moevl.model.checkpoint.assign_weights``).
 """
 from __future__ import annotations
 
@@ -16,12 +16,19 @@ from pathlib import Path
 
 import torch
 
-from model.loader import (OUR_CONFIG, OUR_WEIGHTS, CheckpointError, _listing, assign_weights, read_safetensors_folder,
-                          read_torch_bin, save)
-from model.moe_llava_config import (KNOWN_TOWERS, PRESETS, MoeLlavaConfig, VisionTowerConfig, read_json)
+from moevl.model import checkpoint
+from moevl.model.checkpoint import (OUR_CONFIG, CheckpointError, assign_weights, build_on_meta, listing, model_type,
+                                    read_json, read_our_format, read_weights, save)
+from moevl.model.moe_llava.config import KNOWN_TOWERS, PRESETS, MoeLlavaConfig, VisionTowerConfig
+from moevl.model.tiny import ASSETS, train_tiny_bpe
 
-ASSETS = Path(__file__).parent / "assets"
 TINY_ASSETS = ASSETS / "moellava-tiny"
+
+
+def detect(folder: Path) -> str | None:
+    """"moe-llava" for a LanguageBind MoE-LLaVA folder (config.json model_type moe_llava_*), else None."""
+    mt = model_type(folder)
+    return "moe-llava" if mt is not None and mt.startswith("moe_llava") else None
 
 # ------------------------------------------------------------------------------------------- key mapping
 # The original's names -> ours. Everything else (embeddings, attention, norms, dense FFNs, lm_head) has the same
@@ -111,32 +118,28 @@ def map_moe_llava_keys(sd: dict[str, torch.Tensor], cfg: MoeLlavaConfig) -> dict
                                   + ", ".join(f"{by_e[e][0]} {tuple(by_e[e][1].shape)}" for e in want))
         out[f"model.layers.{layer}.mlp.{param}"] = torch.stack([by_e[e][1] for e in want])
     if missing:
-        raise CheckpointError("the expert weights are incomplete\n  " + _listing("missing", missing))
+        raise CheckpointError("the expert weights are incomplete\n  " + listing("missing", missing))
     return out
 
 
 # ------------------------------------------------------------------------------------------- building
 def build_model(cfg: MoeLlavaConfig):
-    from model.moe_llava import MoeLlavaModel
+    from moevl.model.moe_llava.network import MoeLlavaModel
 
-    with torch.device("meta"):
-        return MoeLlavaModel(cfg)
+    return build_on_meta(MoeLlavaModel, cfg)
 
 
-@torch.no_grad()
+# parameter name suffixes -> initialisation (moevl.model.checkpoint.init_random_weights)
+RANDOM_INIT = [
+    (("layernorm.weight", "layer_norm1.weight", "layer_norm2.weight", "pre_layrnorm.weight"), "one", 0.1),
+    (("mlp.router",), "normal", 0.5),  # spread the tokens over the experts
+    (("bias", "b_in", "b_out"), "normal", 0.02),
+]
+
+
 def init_random_weights(model: torch.nn.Module, seed: int = 0) -> None:
     """Deterministic random weights, independent of creation order and device (presets and tests)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(model.named_parameters()):
-        if name.endswith(("layernorm.weight", "layer_norm1.weight", "layer_norm2.weight", "pre_layrnorm.weight")):
-            t = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
-        elif name.endswith("mlp.router"):
-            t = 0.5 * torch.randn(p.shape, generator=g)  # spread the tokens over the experts
-        elif name.endswith(("bias", "b_in", "b_out")):
-            t = 0.02 * torch.randn(p.shape, generator=g)
-        else:
-            t = 0.05 * torch.randn(p.shape, generator=g)
-        p.copy_(t.to(p.dtype))
+    checkpoint.init_random_weights(model, seed, RANDOM_INIT)
 
 
 def random_model(cfg: MoeLlavaConfig, seed: int = 0, dtype=torch.float32, device="cpu"):
@@ -145,18 +148,6 @@ def random_model(cfg: MoeLlavaConfig, seed: int = 0, dtype=torch.float32, device
     model = model.to(device=device, dtype=dtype)
     model.init_buffers()
     return model.eval()
-
-
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    if any(folder.glob("*.safetensors")):
-        return read_safetensors_folder(folder)
-    bins = sorted(folder.glob("pytorch_model*.bin"))
-    if not bins:
-        raise CheckpointError(f"{folder} has no *.safetensors or pytorch_model*.bin weight files")
-    out = {}
-    for b in bins:
-        out.update(read_torch_bin(b))
-    return out
 
 
 def _tower_config(tower: Path | None, hf: dict, shards_have_tower: bool) -> tuple[VisionTowerConfig, dict]:
@@ -183,8 +174,7 @@ def _tower_config(tower: Path | None, hf: dict, shards_have_tower: bool) -> tupl
 def load_moe_llava(spec: str | Path, device, dtype: torch.dtype | None = None, vision_tower: str | Path | None = None,
                    seed: int = 0):
     """-> (model on device, MoeLlavaProcessor). ``spec``: a preset name, a MoE-LLaVA folder or our format."""
-    from model.loader import detect_format
-    from model.moe_llava_inputs import MoeLlavaProcessor
+    from moevl.model.moe_llava.inputs import MoeLlavaProcessor
 
     dtype = dtype or device.dtype
     if str(spec) in PRESETS:
@@ -198,22 +188,17 @@ def load_moe_llava(spec: str | Path, device, dtype: torch.dtype | None = None, v
     folder = Path(spec)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
-    fmt = detect_format(folder)
+    fmt = "moevl" if (folder / OUR_CONFIG).is_file() else detect(folder)
     tower = Path(vision_tower) if vision_tower is not None else None
     if tower is not None and not tower.is_dir():
         raise CheckpointError(f"the vision tower folder {tower} does not exist")
     if fmt == "moevl":
-        meta = json.loads((folder / OUR_CONFIG).read_text())
-        if meta.get("family") != "moe-llava":
-            raise CheckpointError(f"{folder} holds a {meta.get('family')!r} model, not moe-llava")
-        if not (folder / OUR_WEIGHTS).is_file():
-            raise CheckpointError(f"{folder / OUR_WEIGHTS} is missing")
-        cfg = MoeLlavaConfig.from_dict(meta["config"])
-        sd = read_safetensors_folder(folder)
+        config, sd = read_our_format(folder, "moe-llava")
+        cfg = MoeLlavaConfig.from_dict(config)
         proc = MoeLlavaProcessor.from_folder(folder, cfg)
     elif fmt == "moe-llava":
         hf = read_json(folder / "config.json")
-        raw = _read_weights(folder)
+        raw = read_weights(folder)
         shards_have_tower = any(k.startswith(ORIGINAL_TOWER_PREFIX) for k in raw)
         vision, pre = _tower_config(tower, hf, shards_have_tower)
         cfg = MoeLlavaConfig.from_moe_llava(hf, vision, str(folder / "config.json"))
@@ -221,24 +206,24 @@ def load_moe_llava(spec: str | Path, device, dtype: torch.dtype | None = None, v
         if not shards_have_tower:
             if tower is None:  # (unreachable: _tower_config raised) kept for clarity
                 raise CheckpointError("no vision tower weights")
-            sd.update(tower_state_dict(_read_weights(tower), vision))
+            sd.update(tower_state_dict(read_weights(tower), vision))
         proc = MoeLlavaProcessor.from_folder(folder, cfg, preprocessor=pre)
     else:
-        raise CheckpointError(f"{folder} is a {fmt} checkpoint, not MoE-LLaVA; load it with the awaker family")
+        raise CheckpointError(f"{folder} is not a MoE-LLaVA folder (config.json with model_type moe_llava_*)")
     model = build_model(cfg)
     assign_weights(model, sd, dtype, device.torch_device, str(folder))
     return model.eval(), proc
 
 
 def save_moe_llava(model, processor, out: str | Path, overwrite: bool = False) -> Path:
-    """Our format: model.loader.save plus the image processor settings (they may come from the tower folder)."""
-    out = save(model, processor.folder, out, overwrite=overwrite)
+    """Our format (moevl.model.checkpoint.save) plus the image processor settings (they may come from the tower
+    folder, so the checkpoint folder may not have them)."""
     conf = processor.image_processor.to_dict()
     conf = {k: v for k, v in conf.items() if k in ("size", "crop_size", "do_center_crop", "do_resize", "do_rescale",
                                                      "rescale_factor", "do_normalize", "image_mean", "image_std",
                                                      "resample", "do_convert_rgb")}
-    (out / "preprocessor_config.json").write_text(json.dumps(conf, indent=2, default=int))
-    return out
+    return save(model, processor.folder, out, overwrite=overwrite,
+                extra_files={"preprocessor_config.json": json.dumps(conf, indent=2, default=int)})
 
 
 # ------------------------------------------------------------------------------------------- tiny assets
@@ -247,10 +232,8 @@ def build_tiny_assets(folder: Path = TINY_ASSETS) -> None:
     from transformers import PreTrainedTokenizerFast
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from model.tiny import TINY_TOKENIZER
-
-    # The awaker-tiny byte-level BPE, with Phi's conventions: <|endoftext|> (id 0) ends turns and pads.
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(TINY_TOKENIZER / "tokenizer.json"), eos_token="<|endoftext|>",
+    # The tiny byte-level BPE, with Phi's conventions: <|endoftext|> (id 0) ends turns and pads.
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_tiny_bpe(), eos_token="<|endoftext|>",
                                   pad_token="<|endoftext|>")
     folder.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(folder))

@@ -3,10 +3,10 @@ route each token to 2 of 4 experts (no DeepSpeed: with one device its all-to-all
 
 What happens to one request (top to bottom): ``encode_images`` runs the tower up to the selected layer and drops
 token 0, the projector maps the features to the decoder width, ``embed`` writes them where the ``<image>``
-sentinel was expanded (``model.moe_llava_inputs``), ``forward`` runs the decoder with a static KV cache.
+sentinel was expanded (``moevl.model.moe_llava.inputs``), ``forward`` runs the decoder with a static KV cache.
 Module names follow the original's checkpoint where they can (``model.layers.{i}.self_attn.dense``, ...), so the
-key mapping in ``model.moe_llava_loader`` only renames the MoE, projector and tower keys.
-Facts: shared/notes/moe-llava.md. Importing this module registers the "moe-llava" family with ``model.api``.
+key mapping in ``moevl.model.moe_llava.checkpoint`` only renames the MoE, projector and tower keys.
+Facts: shared/notes/moe-llava.md.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import KernelRef
-from kernels.moe import MoeExperts
-from model.layers import KVCache, LayerNorm
-from model.moe_llava_config import MoeLlavaConfig, VisionTowerConfig
+from moevl.kernels import KernelRef
+from moevl.kernels.moe import MoeExperts
+from moevl.model.layers import CachedDecoder, KVCache, LayerNorm
+from moevl.model.moe_llava.config import MoeLlavaConfig, VisionTowerConfig
 
 
 def _act(name: str):
@@ -215,7 +215,7 @@ class TextModel(nn.Module):
         return self.final_layernorm(x) if hasattr(self, "final_layernorm") else self.norm(x)
 
 
-class MoeLlavaModel(nn.Module):
+class MoeLlavaModel(CachedDecoder):
     """The whole network. ``forward`` runs the decoder on prepared embeddings with a static KV cache."""
 
     def __init__(self, cfg: MoeLlavaConfig, kernels=None):
@@ -246,12 +246,6 @@ class MoeLlavaModel(nn.Module):
     def moe_layer_indices(self) -> list[int]:
         return [i for i, layer in enumerate(self.model.layers) if layer.is_moe]
 
-    def setup_caches(self, batch: int, max_len: int) -> None:
-        p = self.lm_head.weight
-        self.caches = nn.ModuleList(
-            KVCache(batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, p.dtype, p.device)
-            for _ in self.model.layers)
-
     # -- pieces of one request
     def encode_images(self, pixels):
         """pixels [images, 3, S, S] -> projected image tokens [images, tokens, hidden]."""
@@ -259,9 +253,9 @@ class MoeLlavaModel(nn.Module):
 
     def embed(self, input_ids, image_features=None, image_mask=None):
         """Token embeddings; positions of the expanded ``<image>`` sentinel (negative ids) get the image tokens."""
-        emb = self.model.embed_tokens(input_ids.clamp(min=0))
+        emb = self.model.embed_tokens(torch.where(input_ids < 0, 0, input_ids))
         if image_features is not None:
-            emb = emb.masked_scatter(image_mask[..., None], image_features.to(emb.dtype))
+            emb = self.ops.insert_image_features(emb, image_features, image_mask)
         return emb
 
     def rotary(self, positions, dtype):
@@ -281,20 +275,3 @@ class MoeLlavaModel(nn.Module):
                 chosen[i] = idx
         return self.model.final_norm(x), chosen
 
-    def logits(self, hidden):
-        return self.lm_head(hidden).float()
-
-
-def _load_session(spec, device, dtype=None, **options):
-    from model.moe_llava_session import load_session  # (not at import: the session module imports this one)
-
-    return load_session(spec, device, dtype, **options)
-
-
-def _register() -> None:
-    from model.api import register_family
-
-    register_family("moe-llava", _load_session, presets=["moellava-tiny"])
-
-
-_register()

@@ -1,0 +1,65 @@
+"""moevl: mixture-of-experts vision-language models (Awaker2.5-VL, MoE-LLaVA) on Ascend NPUs, CUDA GPUs and CPUs,
+with ONNX / Ascend OM export. ``moevl.load`` is the Python API; the CLI (``moevl``) is a thin layer over it.
+
+    import moevl
+    vl = moevl.load("awaker-tiny", device="cpu")                 # a preset, a checkpoint folder, or
+    vl = moevl.load("out/tiny-onnx", backend="ort")              # an exported folder (ONNX Runtime / Ascend OM)
+    print(vl.ask("What is in the picture?", images=["cat.png"], max_new_tokens=32).texts[0])
+
+Subpackages: ``moevl.ascend`` (devices), ``moevl.kernels`` (hot ops per backend), ``moevl.model`` (the families),
+``moevl.export`` (ONNX / OM and their runtimes), ``moevl.benchmarks``.
+"""
+from __future__ import annotations
+
+# First, before anything imports torch: keeps ``import torch`` working where torch-npu is installed but CANN is
+# not (see ascend/__init__.py).
+import moevl.ascend  # noqa: F401  isort: skip
+
+BACKENDS = ("torch", "ort", "om")
+
+
+def load(spec, device="auto", backend: str = "torch", dtype=None, strict_npu=None, compile: bool = False,
+         **options):
+    """Load a model -> a session with ``ask(...)`` / ``prepare`` / ``prefill`` / ``decode`` / ``routing_decisions``.
+
+    backend "torch" (default): ``spec`` is a preset or a checkpoint folder, run by PyTorch on ``device``
+      (auto | cpu | cuda[:N] | npu[:N] | npu-emulated[:910B|:310P]) in ``dtype`` (default: the device's).
+      NPU only: ``strict_npu`` makes an op falling back to the CPU an error (None = on for npu-emulated, off for
+      npu); ``compile`` runs the decode step in the device's graph mode (TorchAir; not verified on hardware).
+      Family options: Awaker ``routing``, ``base``; MoE-LLaVA ``moe_routing``, ``moe_seed``, ``vision_tower``;
+      both ``max_context``.
+    backend "ort" / "om": ``spec`` is a folder written by ``moevl export onnx`` / ``moevl export om``; options
+      ``provider`` (cpu | cuda | cann), ``quantize`` ("int8"), ``threads``, ``max_context`` (ort), and the NPU
+      index from ``device`` ("npu:N") for om.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend != "torch":
+        from moevl.export.session import load_exported
+
+        return load_exported(spec, backend, device=device, dtype=dtype, strict_npu=strict_npu, compile=compile,
+                             **options)
+    from moevl.ascend.device import Device, resolve_device
+    from moevl.kernels import get_kernels
+    from moevl.model.family import load_torch
+
+    if isinstance(device, Device):
+        dev = device
+        model_dtype = dev.dtype if dtype is None else dev.check_dtype(dtype)
+    else:
+        if strict_npu and isinstance(device, str) and device.strip().lower().startswith("npu"):
+            from moevl.ascend.npu_probe import strict_npu as set_strict
+
+            set_strict(True)  # before torch_npu is imported by resolve_device
+        dev = resolve_device(device, dtype)
+        model_dtype = dev.dtype
+    dev.set_strict(dev.emulated if strict_npu is None else strict_npu)
+    session = load_torch(spec, dev, model_dtype, **options)
+    session.model.set_kernels(get_kernels(dev))
+    dev.prepare_model(session.model)
+    if compile:
+        session.compile()
+    return session
+
+
+__all__ = ["load", "BACKENDS"]
