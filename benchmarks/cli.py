@@ -1,10 +1,10 @@
-"""``moevl bench <name> [args...]``: runs ``python -m benchmarks.<name>`` in-process."""
+"""``moevl bench <name> [args...]``: runs ``python -m moevl.benchmarks.<name>`` in-process."""
 from __future__ import annotations
 
 import argparse
 import importlib
 
-BENCHMARKS = {"kernels": "benchmarks.kernels", "e2e": "benchmarks.e2e", "ort": "benchmarks.ort"}
+BENCHMARKS = {"kernels": "moevl.benchmarks.kernels", "e2e": "moevl.benchmarks.e2e", "ort": "moevl.benchmarks.ort"}
 
 
 def run_bench(args) -> int:

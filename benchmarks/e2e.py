@@ -1,6 +1,6 @@
 """End-to-end latency: our Awaker path vs the baseline users have today (transformers' Qwen2-VL, no adapters).
 
-    python -m benchmarks.e2e [--layers 2] [--rounds 3] [--new-tokens 32] [--out benchmarks/results]
+    python -m moevl.benchmarks.e2e [--layers 2] [--rounds 3] [--new-tokens 32] [--out benchmarks/results]
 
 Configuration (issue 3 §6): 7B width (hidden 3584, MLP 18944, 28/4 heads, vocab 152064), 2 decoder layers, ViT depth
 2 at width 1280, fp32 on CPU, one image with grid [1, 16, 16] (64 image tokens) + ~40 text tokens, 32 greedy tokens.
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import moevl
 from moevl.ascend.device import resolve_device
 from moevl.benchmarks.common import RESULTS, NoProcessor, environment, median, read_bandwidth_gbs, write_results
 from moevl.model.awaker.config import AdapterConfig, awaker_7b_width
@@ -32,9 +33,7 @@ def build_ours(cfg, device):
     model = build_model(cfg).to_empty(device="cpu")
     init_random_weights(model, seed=0)
     model.init_buffers()
-    from moevl.kernels import get_kernels
-
-    model.set_kernels(get_kernels(device.kernel_backend))
+    moevl.place(model, device)  # the device's kernels, as moevl.load gives them
     return model
 
 
@@ -126,7 +125,7 @@ def run_baseline(hf, batch, n):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m moevl.benchmarks.e2e", description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -183,7 +182,7 @@ def main(argv=None) -> int:
                "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                "raw": rows}
     md = [f"# End-to-end: Awaker (ours, r={args.rank}) vs transformers Qwen2-VL base, {device.describe()['chip']}",
-          "", f"Command: `python -m benchmarks.e2e {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip() + "  ",
+          "", f"Command: `python -m moevl.benchmarks.e2e {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip() + "  ",
           f"7B width, {args.layers} decoder layers, ViT depth 2, fp32, {batch.input_ids.shape[1]} prompt tokens "
           f"(64 image), {args.new_tokens} greedy tokens, medians of {args.rounds} alternating rounds, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads. No NPU figures: nothing ran on an NPU.", "",

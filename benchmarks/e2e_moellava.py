@@ -4,7 +4,7 @@ Issue 6 §5: Phi-2 width (hidden 2560, MLP 10240, 32 heads, vocab 51200), 4 deco
 CLIP-L/336-width tower (2 layers run by both sides), one 336x336 image (576 tokens) + ~40 text tokens, 32 greedy
 tokens, fp32. The baseline is transformers' Phi + CLIPVisionModel + the same projector, expert 0 of each MoE layer
 as its dense FFN, driven by ``generate``; ours is ``moevl.model.generate`` on a MoeLlavaSession. Rounds alternate,
-medians are reported. This is a benchmark, not a test: run ``python -m benchmarks.e2e_moellava``.
+medians are reported. This is a benchmark, not a test: run ``python -m moevl.benchmarks.e2e_moellava``.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+import moevl
 from moevl.ascend.device import resolve_device
 from moevl.benchmarks.common import NoProcessor
-from moevl.kernels import get_kernels
 from moevl.model.generate import GenerationConfig, generate
 from moevl.model.moe_llava.config import moellava_phi2_width
 from moevl.model.moe_llava.inputs import collate
@@ -32,7 +32,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def build_ours(cfg, device):
     model = random_model(cfg, seed=0, dtype=torch.float32, device=device.torch_device)
-    model.set_kernels(get_kernels(device.kernel_backend))
+    moevl.place(model, device)  # the device's kernels, as moevl.load gives them
     s = MoeLlavaSession(model, NoProcessor(), device)
     s.eos_token_ids = {-1}  # the benchmark needs exactly n tokens
     return s
@@ -131,7 +131,7 @@ def weight_bytes_per_decode_step(cfg, top_k: int | None) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e_moellava", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m moevl.benchmarks.e2e_moellava", description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--text-tokens", type=int, default=40)
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     ratios = {"ttft": med["ours"]["ttft_ms"] / med["baseline"]["ttft_ms"],
               "decode": med["ours"]["decode_ms_per_token"] / med["baseline"]["decode_ms_per_token"],
               "decode_bytes_ideal": weight_bytes_per_decode_step(cfg, cfg.top_k) / weight_bytes_per_decode_step(cfg, None)}
-    command = "python -m benchmarks.e2e_moellava " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m moevl.benchmarks.e2e_moellava " + " ".join(argv if argv is not None else sys.argv[1:])
     payload = {"benchmark": "e2e-moellava", "command": command.strip(),
                "config": {"hidden": cfg.hidden_size, "mlp": cfg.intermediate_size, "heads": cfg.num_heads,
                           "vocab": cfg.vocab_size, "layers": cfg.num_layers, "moe_layers": list(cfg.moe_layers),

@@ -1,4 +1,4 @@
-"""Kernel benchmark at real model sizes (not a test): ``python -m benchmarks.kernels [--quick] [--out DIR]``.
+"""Kernel benchmark at real model sizes (not a test): ``python -m moevl.benchmarks.kernels [--quick] [--out DIR]``.
 
 Awaker2.5-VL-7B: one decoder layer's four LoRA-MoE linears together (o 3584->3584, gate/up 3584->18944,
 down 18944->3584; r = 256, 4 task experts + 1 global), variants: base linears alone, reference (loop over
@@ -249,7 +249,7 @@ def _targets(res):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m moevl.benchmarks.kernels", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="T in {1, 16}, batch 1, fewer repeats (about a minute)")
     ap.add_argument("--out", default="benchmarks/results", help="folder for kernels-<device>.json/.md")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
         configs = [(t, b) for t in (1, 16, 512) for b in (1, 4)]
         repeats = lambda t, b: 15 if t == 1 else (7 if t == 16 else 3)  # noqa: E731
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    res = {"command": " ".join(["python -m benchmarks.kernels"] + list(argv if argv is not None else sys.argv[1:])),
+    res = {"command": " ".join(["python -m moevl.benchmarks.kernels"] + list(argv if argv is not None else sys.argv[1:])),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": f"{device.type} ({name})",
            "dtype": str(dtype).replace("torch.", ""), "quick": args.quick}
     res["cpus"] = os.cpu_count()

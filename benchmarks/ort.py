@@ -1,5 +1,5 @@
 """PyTorch eager vs ONNX Runtime fp32 vs ONNX Runtime int8 (dynamic) on the CPU, end to end through the exported
-graphs: ``python -m benchmarks.ort [--configs tiny,7b-width] [--out DIR]`` (also ``moevl bench ort``).
+graphs: ``python -m moevl.benchmarks.ort [--configs tiny,7b-width] [--out DIR]`` (also ``moevl bench ort``).
 
 Configurations: awaker-tiny, and Awaker at Qwen2-VL-7B width with 2 decoder layers (moevl.model.awaker.config.awaker_7b_width;
 random weights, no tokenizer: token ids are fed directly as a text-only chat). Per configuration and runtime: time
@@ -27,8 +27,8 @@ CONFIGS = ("tiny", "7b-width")
 
 
 def build_session(name: str):
+    import moevl
     from moevl.ascend.device import resolve_device
-    from moevl.kernels import get_kernels
     from moevl.model.awaker.config import awaker_7b_width, awaker_tiny
     from moevl.model.awaker.checkpoint import build_model
     from moevl.model.awaker.session import AwakerSession
@@ -39,7 +39,7 @@ def build_session(name: str):
     init_random_weights(model, 0)
     model.init_buffers()
     dev = resolve_device("cpu", "fp32")
-    model.set_kernels(get_kernels(dev.kernel_backend))
+    moevl.place(model, dev)  # the device's kernels, as moevl.load gives them
     return AwakerSession(model, types.SimpleNamespace(tokenizer=None), dev)
 
 
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
 
     from moevl.ascend.device import cpu_model_name
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ort", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m moevl.benchmarks.ort", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {CONFIGS}")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default: 32 tiny, 128 7b-width)")
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
                           args.threads, log) for c in configs]
     meta = {"cpu": cpu_model_name(), "machine": platform.machine(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "threads": args.threads or torch.get_num_threads(),
-            "command": "python -m benchmarks.ort " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": "python -m moevl.benchmarks.ort " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ort-cpu.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -28,25 +28,16 @@ def greedy_tokens(session, batch, n: int) -> list[list[int]]:
 
 
 def sample_batch(session):
-    """Two requests of different lengths: one with the demo image and one text-only (the processor's), or, for an
-    Awaker model without a tokenizer, a synthetic text-only chat of token ids."""
+    """Two requests of different lengths: one with the demo image and one text-only (the processor's), or, for a
+    model without a tokenizer (the benchmarks' random models), the family's synthetic text-only batch."""
     if getattr(session, "processor", None) is not None and session.processor.tokenizer is not None:
         from moevl.model.tiny import DEMO_IMAGE
 
         return session.prepare(["Describe the image.", "What colour is the circle? Answer in one word."],
                                [[str(DEMO_IMAGE)], []])
-    from moevl.model.awaker.inputs import collate
+    from moevl.export.graph import builders_of
 
-    cfg = session.model.cfg
-    g = torch.Generator().manual_seed(0)
-    lo, hi = 10, min(cfg.vocab_size, 150000)
-
-    def chat(n):
-        words = torch.randint(lo, hi, (n + 4,), generator=g).tolist()
-        return ([cfg.im_start_token_id, words[0], cfg.im_end_token_id, cfg.im_start_token_id, words[1]]
-                + words[4:] + [cfg.im_end_token_id, cfg.im_start_token_id, words[2]])
-
-    return collate([chat(12), chat(7)], [], [], cfg)
+    return builders_of(session.family).GraphIO.synthetic_batch(session.model.cfg)
 
 
 def _errors(name, ort_value, ref, tol, log, report):

@@ -40,7 +40,6 @@ def load(spec, device="auto", backend: str = "torch", dtype=None, strict_npu=Non
         return load_exported(spec, backend, device=device, dtype=dtype, strict_npu=strict_npu, compile=compile,
                              **options)
     from moevl.ascend.device import Device, resolve_device
-    from moevl.kernels import get_kernels
     from moevl.model.family import load_torch
 
     if isinstance(device, Device):
@@ -55,11 +54,21 @@ def load(spec, device="auto", backend: str = "torch", dtype=None, strict_npu=Non
         model_dtype = dev.dtype
     dev.set_strict(dev.emulated if strict_npu is None else strict_npu)
     session = load_torch(spec, dev, model_dtype, **options)
-    session.model.set_kernels(get_kernels(dev))
-    dev.prepare_model(session.model)
+    place(session.model, dev)
     if compile:
         session.compile()
     return session
 
 
-__all__ = ["load", "BACKENDS"]
+def place(model, device):
+    """What makes a model on ``device`` run the device's code path: its kernel set (for NPUs, the chip's) and the
+    weight layout its kernels want (310P: FRACTAL_NZ). ``load`` does this; code that builds a model by hand (the
+    benchmarks' random 7B-width models) calls it too. -> model"""
+    from moevl.kernels import get_kernels
+
+    model.set_kernels(get_kernels(device))
+    device.prepare_model(model)
+    return model
+
+
+__all__ = ["load", "place", "BACKENDS"]

@@ -188,6 +188,21 @@ class GraphIO:
         self.merge = self.cfg.vision.spatial_merge_size ** 2
         self.np_dtype = np.float16 if contract["dtype"] == "fp16" else np.float32
 
+    @staticmethod
+    def synthetic_batch(cfg):
+        """Two text-only chats of random token ids (12 and 7 words), for a model without a tokenizer."""
+        from moevl.model.awaker.inputs import collate
+
+        g = torch.Generator().manual_seed(0)
+        lo, hi = 10, min(cfg.vocab_size, 150000)
+
+        def chat(n):
+            words = torch.randint(lo, hi, (n + 4,), generator=g).tolist()
+            return ([cfg.im_start_token_id, words[0], cfg.im_end_token_id, cfg.im_start_token_id, words[1]]
+                    + words[4:] + [cfg.im_end_token_id, cfg.im_start_token_id, words[2]])
+
+        return collate([chat(12), chat(7)], [], [], cfg)
+
     def processor(self, folder):
         from moevl.model.awaker.inputs import AwakerProcessor
 
