@@ -126,6 +126,15 @@ def present_name(i: int) -> str:
     return f"present.{i // 2}.{'key' if i % 2 == 0 else 'value'}"
 
 
+def keep_mask(valid_past: torch.Tensor, valid_new: torch.Tensor):
+    """The decoder's attention_keep [B, 1, T, P+T] (numpy) for T new tokens after P cached slots: the PyTorch
+    session's own mask (moevl.model.session.attention_keep) over the slots the graph sees."""
+    from moevl.model.session import attention_keep
+
+    p, t = valid_past.shape[1], valid_new.shape[1]
+    return attention_keep(torch.cat([valid_past, valid_new], dim=1), torch.arange(p, p + t)).numpy()
+
+
 def read_contract(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / CONTRACT

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moevl.export.graph import GearError, ProviderError, builders_of, past_name, read_contract
+from moevl.export.graph import GearError, ProviderError, builders_of, keep_mask, past_name, present_name, read_contract
 
 # vision: patches per call (Awaker); images: images per call (MoE-LLaVA, fixed image size)
 DEFAULT_GEARS = {"prefill": [64, 128, 256, 512], "decode": [128, 256, 512, 1024], "vision": [64, 256, 1024],
@@ -352,8 +352,6 @@ class OmRunner:
         gear. positions pad on their last axis (seq); outputs with a seq axis are trimmed to the real tokens."""
         import torch
 
-        from moevl.export.session import keep_mask
-
         b, t, h = embeds.shape
         self._check_batch(b)
         if past is None:
@@ -389,7 +387,7 @@ class OmRunner:
             if "seq" in spec["shape"]:  # e.g. moe_experts: the real tokens only
                 value = np.take(value, range(pad, tg), axis=spec["shape"].index("seq"))
             result[spec["name"]] = value
-        present = [_fit(outs[f"present.{i // 2}.{'key' if i % 2 == 0 else 'value'}"],
+        present = [_fit(outs[present_name(i)],
                         self.kv_shape[:2] + (pg + tg,) + self.kv_shape[2:]) for i in range(2 * self.layers)]
         return result, [np.concatenate([x[:, :, :p], x[:, :, pg + pad:]], 2) for x in present]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moevl.export.graph import ProviderError, past_name, present_name
+from moevl.export.graph import ProviderError, keep_mask, past_name, present_name
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "cann": "CANNExecutionProvider"}
 
@@ -178,8 +178,6 @@ class OrtRunner:
 
     def decoder(self, embeds, positions, extra: dict, past, valid_past, valid_new):
         """One decoder call -> (outputs by name as numpy, present KV to feed back). past None = empty (prefill)."""
-        from moevl.export.session import keep_mask
-
         b = embeds.shape[0]
         if past is None:
             past = [np.zeros((b, self.kv_shape[0], 0, self.kv_shape[1]), self.np_dtype)] * self.num_past

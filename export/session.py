@@ -104,14 +104,6 @@ class _EmptyBatch:
     batch_size = 0
 
 
-def keep_mask(valid_past: torch.Tensor, valid_new: torch.Tensor) -> np.ndarray:
-    """attention_keep [B, 1, T, P+T] for new tokens after P cached slots (moevl.model.session.attention_keep)."""
-    from moevl.model.session import attention_keep
-
-    p, t = valid_past.shape[1], valid_new.shape[1]
-    return attention_keep(torch.cat([valid_past, valid_new], dim=1), torch.arange(p, p + t)).numpy()
-
-
 # ---------------------------------------------------------------------------------------------- opening
 def open_ort(folder, provider: str = "cpu", quantize: str | None = None, threads: int | None = None,
              max_context: int | None = None, log=None) -> ExportedSession:

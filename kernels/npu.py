@@ -19,7 +19,7 @@ torch-npu 2.13.0 schema and enforces the documented chip rules. What runs where:
   Decode attends over the whole static cache with the mask; ``actual_seq_lengths`` (host ints) could skip the
   unused tail but would tie the step to the host-side length, which graph mode does not want.
 - Patch embedding: Conv3d with kernel == stride computed as one matmul (Conv3d fails on 910B, error 500002).
-- LoRA-MoE linear (Awaker): the stacked rank-2r plan of kernels/fast.py, i.e. plain (batched) matmuls on the cube
+- LoRA-MoE linear (Awaker): the stacked rank-2r plan of kernels/cpu.py, i.e. plain (batched) matmuls on the cube
   unit. ``npu_batch_gather_matmul`` (multi-LoRA BGMV) is not used: it supports ranks 16..128 in fp16 only and
   Awaker's release uses rank 256.
 - MoE FFN (MoE-LLaVA): router in fp32 -> ``npu_moe_gating_top_k_softmax`` (910B) -> renormalise the k weights ->

@@ -29,11 +29,15 @@ CACHE_LENGTH_STEP = 256
 
 
 class CachedDecoder(nn.Module):
-    """What a decoder with static KV caches shares: ``setup_caches`` keeps the caches while the batch size is the
-    same and they are long enough, else allocates new ones rounded up to CACHE_LENGTH_STEP slots (at most
-    ``limit``). Subclasses define ``cfg`` (num_kv_heads, head_dim), ``model.layers`` and ``lm_head``."""
+    """What both families' whole networks share: the kernel handle (``set_kernels`` swaps the set for every module
+    at once), static KV caches and the logits. ``setup_caches`` keeps the caches while the batch size is the same
+    and they are long enough, else allocates new ones rounded up to CACHE_LENGTH_STEP slots (at most ``limit``).
+    Subclasses define ``ops`` (a KernelRef), ``cfg`` (num_kv_heads, head_dim), ``model.layers`` and ``lm_head``."""
 
     caches: nn.ModuleList | None
+
+    def set_kernels(self, kernels) -> None:
+        self.ops.kernels = kernels
 
     def setup_caches(self, batch: int, max_len: int, limit: int | None = None) -> int:
         """-> the cache length (>= max_len)."""

@@ -173,9 +173,6 @@ class AwakerModel(CachedDecoder):
                     # ~10x more: ~0.4 s of TTFT at 7B width, 2 layers)
                     mod.lora_B.data = mod.lora_B.data.transpose(1, 2).contiguous().transpose(1, 2)
 
-    def set_kernels(self, kernels) -> None:
-        self.ops.kernels = kernels
-
     @property
     def has_adapters(self) -> bool:
         return self.cfg.adapters.num_experts > 0

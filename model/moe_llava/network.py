@@ -239,9 +239,6 @@ class MoeLlavaModel(CachedDecoder):
         """Recompute the non-persistent buffers (after building on the meta device)."""
         self.inv_freq = self.rope_inv_freq().to(device or self.lm_head.weight.device)
 
-    def set_kernels(self, kernels) -> None:
-        self.ops.kernels = kernels
-
     @property
     def moe_layer_indices(self) -> list[int]:
         return [i for i, layer in enumerate(self.model.layers) if layer.is_moe]
