@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from moevl.kernels import cpu, moe, reference
-from moevl.kernels import export as kexport
 
 HIDDEN, MLP, RANK, TASK_EXPERTS = 3584, 18944, 256, 4
 AWAKER_LINEARS = {"o_proj": (HIDDEN, HIDDEN), "gate_proj": (HIDDEN, MLP), "up_proj": (HIDDEN, MLP),

@@ -102,12 +102,15 @@ class KernelRef:
         return getattr(self.__dict__["kernels"], name)
 
 
-def _kernels_for_device(device) -> Kernels:
-    if device.kernel_backend in ("npu", "npu-emulated"):  # the NPU sets depend on the chip (910B / 310P)
-        from moevl.kernels.npu import check_no_reference_ops, kernels_for_device
+# backend name -> factory(device) -> Kernels, for backends whose set depends on the device (the NPU sets on the chip)
+_DEVICE_FACTORIES: dict[str, Callable] = {}
 
-        kernels = kernels_for_device(device)
-        if device.strict:
-            check_no_reference_ops(kernels)
-        return kernels
-    return get_kernels(device.kernel_backend)
+
+def register_device_kernels(backend: str, factory: Callable) -> None:
+    _DEVICE_FACTORIES[backend] = factory
+
+
+def _kernels_for_device(device) -> Kernels:
+    _load_optional_backends()
+    factory = _DEVICE_FACTORIES.get(device.kernel_backend)
+    return factory(device) if factory is not None else get_kernels(device.kernel_backend)

@@ -40,8 +40,8 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from moevl.kernels import cpu, moe, reference
-from moevl.kernels.dispatch import Kernels, _BACKENDS, register_backend
+from moevl.kernels import cpu, moe
+from moevl.kernels.dispatch import Kernels, _BACKENDS, register_backend, register_device_kernels
 
 INT_MAX = 2147483647
 HALFS = (torch.float16, torch.bfloat16)
@@ -236,9 +236,13 @@ def _attention_composed(q, k, v, keep, scale):
 
 # ---------------------------------------------------------------------------------------------- per device
 def kernels_for_device(device) -> Kernels:
-    """The NPU kernel record for a device's chip (910B and 310P take different paths for some ops)."""
+    """The NPU kernel record for a device's chip (910B and 310P take different paths for some ops); in strict mode
+    checked to be the NPU code path throughout."""
     chip = device.chip_family if device.chip_family in ("910B", "310P") else "910B"  # A3 takes the A2 path
-    return NpuKernels(device.torch_npu(), chip).kernels(device.kernel_backend)
+    kernels = NpuKernels(device.torch_npu(), chip).kernels(device.kernel_backend)
+    if device.strict:
+        check_no_reference_ops(kernels)
+    return kernels
 
 
 def check_no_reference_ops(kernels: Kernels) -> None:
@@ -260,6 +264,8 @@ def _register():
 
     register_backend(NpuKernels(_LazyTorchNpu(), "910B").kernels("npu"))
     register_backend(NpuKernels(EmulatedTorchNpu("910B"), "910B").kernels("npu-emulated"))
+    for name in ("npu", "npu-emulated"):
+        register_device_kernels(name, kernels_for_device)
 
 
 _register()

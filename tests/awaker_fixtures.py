@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from moevl.model.awaker.tiny import TINY_TOKENIZER
-from moevl.model.tiny import DEMO_IMAGE
 
 EXPERT_NAMES = ["0", "1", "2", "3", "g"]
 RANK, ALPHA = 4, 8.0

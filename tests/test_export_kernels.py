@@ -5,7 +5,7 @@ Tolerance: fp32 1e-5 relative to the output scale (the dense LoRA-MoE sums the s
 import pytest
 import torch
 
-from moevl.kernels import cpu, get_kernels, reference
+from moevl.kernels import get_kernels, reference
 from moevl.kernels import export as kexport
 from tests.test_kernels import GRID, close, lora_case
 

@@ -19,7 +19,6 @@ must reproduce PyTorch cannot draw, so such a session is refused.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch

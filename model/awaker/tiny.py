@@ -26,6 +26,7 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+
 def build_tiny_assets(folder: Path = TINY_TOKENIZER) -> None:
     """(Re)build the tiny tokenizer + image processor files; deterministic. Committed under model/assets."""
     from transformers import PreTrainedTokenizerFast

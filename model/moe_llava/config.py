@@ -8,10 +8,8 @@ Facts: shared/notes/moe-llava.md.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
-from moevl.model.checkpoint import ConfigError, read_json  # noqa: F401  (read_json: config files)
+from moevl.model.checkpoint import ConfigError
 
 IMAGE_TOKEN_INDEX = -200  # the original's <image> sentinel in input_ids
 SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
