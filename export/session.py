@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from moevl.export.graph import GearError, ProviderError, builders_of, read_contract
-from moevl.model.session import Session
+from moevl.model.session import Session, check_max_context
 
 # what a runtime may raise that is about the runtime, not the request (the CLI exits 1 on these)
 RUNTIME_ERRORS = (ProviderError, GearError, FileNotFoundError)
@@ -44,7 +44,7 @@ class ExportedSession(Session):
         self.device = resolve_device("cpu")  # where the loop's tensors live (logits come back to the host)
         self.runner = runner
         runner.bind(self)
-        self.max_context = max_context or runner.max_context or self.cfg.max_position_embeddings
+        self.max_context = check_max_context(max_context) or runner.max_context or self.cfg.max_position_embeddings
         self.eos_token_ids = set(self.cfg.eos_token_ids)
         self.pad_token_id = self.cfg.pad_token_id
         self._state = None
@@ -139,6 +139,9 @@ def load_exported(spec, backend: str, device="auto", dtype=None, strict_npu=None
         raise ValueError("exported MoE-LLaVA graphs route deterministically (top-2 of the softmax); "
                          "--moe-routing deepspeed is PyTorch-only")
     if backend == "ort":
+        if str(device or "auto") not in ("auto", "cpu"):
+            raise ValueError(f"--device {device} does not apply to --backend ort: ONNX Runtime runs where its "
+                             "execution provider is, chosen with --provider cpu|cuda|cann")
         return open_ort(spec, **options)
     unknown = sorted(k for k, v in options.items() if v is not None and k not in ("log", "max_context"))
     if unknown:

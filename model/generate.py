@@ -6,6 +6,7 @@ logits of the last prompt position [B, V], and ``decode(tokens [B])`` those of t
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable
 
@@ -21,14 +22,22 @@ class GenerationConfig:
     seed: int | None = None
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0 (0 disables it)")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a whole number >= 1 (--max-new-tokens), "
+                             f"not {self.max_new_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, 0 meaning greedy (--temperature), "
+                             f"not {self.temperature!r}")
+        if not 0 < self.top_p <= 1:  # also false for NaN
+            raise ValueError(f"top_p must be in (0, 1] (--top-p), not {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a whole number >= 0, 0 disabling it (--top-k), not {self.top_k!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2 ** 64):
+            raise ValueError(f"seed must be a whole number in [0, 2**64 - 1] (--seed), not {self.seed!r}")
+
+
+class NonFiniteLogitsError(ValueError):
+    """The network computed NaN/inf: generating from it would print garbage (or nothing) and exit 0."""
 
 
 @dataclasses.dataclass
@@ -108,6 +117,10 @@ def generate(session, batch, cfg: GenerationConfig, on_text: Callable[[int, str]
     dev.synchronize()
     t0 = time.perf_counter()
     logits = session.prefill(batch, prompt_len + cfg.max_new_tokens)
+    if not bool(torch.isfinite(logits).all()):  # one check, at the first step: later NaN would follow from these
+        raise NonFiniteLogitsError(
+            "the model produced non-finite logits (NaN/inf) for the first token: its weights hold NaN/inf or "
+            "overflow in this dtype; check the checkpoint (a re-download or re-save) or run with --dtype fp32")
     decode_start = None
     steps = 0
     for step in range(cfg.max_new_tokens):

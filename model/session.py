@@ -11,6 +11,10 @@ last prompt position [B, V], and ``decode(tokens [B])`` -> logits of the next po
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+from pathlib import Path
+
 import torch
 
 from moevl.model.generate import GenerationConfig, GenerationResult, generate
@@ -54,9 +58,22 @@ def attention_keep(valid: torch.Tensor, cache_pos: torch.Tensor) -> torch.Tensor
 class Session:
     """The user-facing half every session shares. A session provides ``processor`` (``chat`` and ``__call__``),
     ``tokenizer``, ``device``, ``family``, ``max_context``, ``eos_token_ids``, ``pad_token_id``, ``prefill``,
-    ``decode``, ``routing_decisions`` and ``dtype_name``."""
+    ``decode``, ``routing_decisions`` and ``dtype_name``.
+
+    Thread safety: a session serialises its callers. ``ask`` and ``score`` hold the session's lock from the first
+    token to the last, so concurrent calls from several threads run one after another, each with the answer it
+    would get alone (the static KV cache and the request state belong to one request at a time). The low-level
+    ``prefill`` / ``decode`` steps are not locked: a caller driving them owns the session for the request.
+    """
 
     family: str
+
+    @contextlib.contextmanager
+    def serialised(self):
+        """Hold the session for one request (re-entrant, so a locked call may call another)."""
+        lock = self.__dict__.setdefault("_request_lock", threading.RLock())  # setdefault is atomic: one lock
+        with lock:
+            yield
 
     def prepare(self, questions: list[str], images: list[list] | None = None):
         images = images or [[] for _ in questions]
@@ -64,12 +81,11 @@ class Session:
         return self.processor(prompts, images, max_length=self.max_context)
 
     def ask(self, question: str | list[str], images=None, on_text=None, **gen) -> GenerationResult:
-        """One question (images: a flat list of its images) or a list of questions (images: one list each)."""
-        questions = [question] if isinstance(question, str) else list(question)
-        if images is not None and len(questions) == 1 and not (images and isinstance(images[0], (list, tuple))):
-            images = [list(images)]
-        batch = self.prepare(questions, images)
-        return generate(self, batch, GenerationConfig(**gen), on_text)
+        """One question (images: a list of its images) or a list of questions (images: one list per question)."""
+        questions, images = request_lists(question, images)
+        with self.serialised():
+            batch = self.prepare(questions, images)
+            return generate(self, batch, GenerationConfig(**gen), on_text)
 
     def describe(self) -> dict:
         return self.device.describe()
@@ -86,7 +102,7 @@ class TorchSession(Session):
         self.tokenizer = processor.tokenizer
         self.device = device
         self.cfg = model.cfg
-        self.max_context = max_context or model.cfg.max_position_embeddings
+        self.max_context = check_max_context(max_context) or model.cfg.max_position_embeddings
         self.eos_token_ids = set(model.cfg.eos_token_ids)
         self.pad_token_id = model.cfg.pad_token_id
         self._cache: CacheState | None = None
@@ -128,5 +144,60 @@ class TorchSession(Session):
     @torch.inference_mode()
     def score(self, batch) -> torch.Tensor:
         """Logits at every prompt position [B, L, V] (for checks against other implementations)."""
-        self.prefill(batch, batch.input_ids.shape[1])
-        return self.model.logits(self._last_hidden)
+        with self.serialised():
+            self.prefill(batch, batch.input_ids.shape[1])
+            return self.model.logits(self._last_hidden)
+
+
+_IMAGE_TYPES = (str, Path)
+
+
+def _is_image(x) -> bool:
+    return isinstance(x, _IMAGE_TYPES) or type(x).__module__.startswith("PIL.")
+
+
+def request_lists(question, images) -> tuple[list[str], list[list] | None]:
+    """``ask``'s arguments -> (questions, one image list per question), or a ValueError naming the argument.
+
+    question: a string, or a non-empty list of strings. images: for one question, None or a list of images (paths
+    or PIL images); for a list of questions, None or a list with one list of images per question."""
+    if isinstance(question, str):
+        questions = [question]
+    elif isinstance(question, (list, tuple)) and question and all(isinstance(q, str) for q in question):
+        questions = list(question)
+    else:
+        raise ValueError(f"question must be a string or a non-empty list of strings, not {_describe(question)}")
+    if images is None:
+        return questions, None
+    if isinstance(images, (str, Path, bytes)) or _is_image(images):
+        raise ValueError(f"images must be a list (images=[{images!r}]), not {_describe(images)}")
+    if not isinstance(images, (list, tuple)):
+        raise ValueError(f"images must be a list of image paths or PIL images, not {_describe(images)}")
+    if len(questions) == 1 and images and all(_is_image(i) for i in images):
+        images = [images]  # one question's flat image list
+    if isinstance(question, str):
+        if images and all(isinstance(i, (list, tuple)) for i in images) and len(images) == 1:
+            images = images[0]  # [[a, b]] for one question is accepted too
+        bad = [i for i in images if not _is_image(i)]
+        if bad:
+            raise ValueError(f"images must hold image paths or PIL images, not {_describe(bad[0])}")
+        return questions, [list(images)]
+    if len(images) != len(questions) or not all(isinstance(i, (list, tuple)) for i in images):
+        raise ValueError(f"images must be one list of images per question: {len(questions)} questions but "
+                         f"images is {_describe(images)}")
+    bad = [i for imgs in images for i in imgs if not _is_image(i)]
+    if bad:
+        raise ValueError(f"images must hold image paths or PIL images, not {_describe(bad[0])}")
+    return questions, [list(i) for i in images]
+
+
+def _describe(x) -> str:
+    if isinstance(x, (list, tuple)):
+        return f"a {type(x).__name__} of {len(x)}"
+    return f"{type(x).__name__} {x!r}"[:80]
+
+
+def check_max_context(max_context: int | None) -> int | None:
+    if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
+        raise ValueError(f"max_context must be a whole number of tokens >= 2 (--max-context), not {max_context!r}")
+    return max_context

@@ -108,6 +108,9 @@ def load_awaker(spec: str | Path, device, dtype: torch.dtype | None = None, base
     from moevl.model.awaker.tiny import TINY_TOKENIZER, init_random_weights
 
     dtype = dtype or device.dtype
+    if base is not None and (str(spec) in PRESETS or Path(spec).is_dir() and detect(Path(spec)) != "awaker-release"):
+        raise ValueError(f"--base applies to an Awaker2.5-VL release (a folder with {RELEASE_WEIGHTS}) only; "
+                         f"{spec} is not one: drop --base")
     if str(spec) in PRESETS:
         if str(spec) != "awaker-tiny":
             raise NotImplementedError(f"preset {spec} has random weights and no tokenizer: it exists for the "
@@ -129,6 +132,9 @@ def load_awaker(spec: str | Path, device, dtype: torch.dtype | None = None, base
         proc_folder = folder
     elif fmt == "awaker-release":
         cfg_folder = Path(base) if base else folder
+        if base is not None and not cfg_folder.is_dir():
+            raise CheckpointError(f"--base {cfg_folder} does not exist: pass the Qwen2-VL-7B-Instruct folder the "
+                                  "release was built on")
         if not (cfg_folder / "config.json").is_file():
             raise CheckpointError(
                 f"the Awaker release ships no config.json: pass the Qwen2-VL-7B-Instruct folder it was built on "
