@@ -61,7 +61,15 @@ def check_graph(path: Path, name: str, table: dict | None = None) -> GraphReport
 
     table = table or load_table()
     supported, forbidden = set(table["ops"]), table["forbidden"]
-    model = onnx.load(str(path), load_external_data=False)
+    from moevl.export.graph import ExportFolderError
+
+    if not Path(path).is_file():
+        raise ExportFolderError(f"{path} is missing: the export folder is incomplete; re-export it")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise ExportFolderError(f"{path} is not a readable ONNX file ({type(e).__name__}); it is corrupt or "
+                                "truncated: re-export it") from e
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     problems = []
     if opset > table["max_opset"]:

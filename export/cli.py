@@ -28,7 +28,7 @@ def cmd_onnx(args) -> int:
 
     export_onnx(args.model, args.out, dtype=args.dtype, opset=args.opset, force=args.force,
                 validate=not args.no_validate, validate_tokens=args.validate_tokens,
-                log=lambda m: print(m, file=sys.stderr), vision_tower=args.vision_tower)
+                log=lambda m: print(m, file=sys.stderr), vision_tower=args.vision_tower, base=args.base)
     print(args.out)
     return 0
 
@@ -47,7 +47,8 @@ def cmd_om(args) -> int:
     from moevl.export.om import build_om, parse_gears
 
     result = build_om(args.onnx, args.out, soc=args.soc, precision=args.precision, gears=parse_gears(args.gears),
-                      batch=args.batch, run_atc=not args.script_only, log=lambda m: print(m, file=sys.stderr))
+                      batch=args.batch, run_atc=not args.script_only, log=lambda m: print(m, file=sys.stderr),
+                      force=args.force)
     print(result)
     return 0
 
@@ -61,10 +62,11 @@ def add_export_parser(subparsers):
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     q.add_argument("--opset", type=int, default=17, help="ONNX opset (ATC takes <= 18; default 17)")
-    q.add_argument("--force", action="store_true", help="replace an existing --out")
+    q.add_argument("--force", action="store_true", help="replace an existing --out that is an earlier ONNX export")
     q.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch validation")
     q.add_argument("--validate-tokens", type=int, default=8, help="greedy tokens compared in validation")
     q.add_argument("--vision-tower", default=None, help="MoE-LLaVA folder: the local CLIP/SigLIP tower folder")
+    q.add_argument("--base", default=None, help="Awaker release: the Qwen2-VL folder with config.json and tokenizer")
     q.set_defaults(func=cmd_onnx)
 
     q = sub.add_parser("check", help="list the op types of each graph and check them against ATC's ONNX op list")
@@ -82,7 +84,8 @@ def add_export_parser(subparsers):
                         "(Awaker: patches per request, multiples of 4) or images (MoE-LLaVA: images per request; "
                         "one value = a static vision model); repeatable")
     q.add_argument("--batch", type=int, default=1, help="static batch size compiled into the OM models")
-    q.add_argument("--out", default=None, help="output folder (default: <onnx>-om-<soc>)")
+    q.add_argument("--out", default=None, help="output folder (default: <onnx>-om-<soc>; written atomically)")
+    q.add_argument("--force", action="store_true", help="replace an existing --out that is an earlier OM folder")
     q.add_argument("--script-only", action="store_true", help="write build_om.sh even when atc is on PATH")
     q.set_defaults(func=cmd_om)
     return p

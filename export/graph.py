@@ -34,6 +34,10 @@ class ProviderError(RuntimeError):
     """The requested runtime / execution provider is not available or not actually used by the session."""
 
 
+class ExportFolderError(ValueError):
+    """An export folder whose files are missing or corrupt (bad input: the CLI exits 2)."""
+
+
 class GearError(ValueError):
     """A call whose shapes fit no compiled gear."""
 
@@ -140,9 +144,12 @@ def read_contract(folder: str | Path) -> dict:
     path = folder / CONTRACT
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {CONTRACT}: not a folder written by `moevl export onnx`")
-    contract = json.loads(path.read_text())
-    if contract.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} contract (format {contract.get('format')!r})")
+    try:
+        contract = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportFolderError(f"{path} is not valid JSON ({e}): re-export the folder") from e
+    if not isinstance(contract, dict) or contract.get("format") != FORMAT:
+        raise ExportFolderError(f"{path} is not a {FORMAT} contract: not a folder written by `moevl export onnx`")
     if contract.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {contract['format_version']}; this build reads up to "
                          f"{FORMAT_VERSION}: upgrade moevl")

@@ -32,12 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from moevl.export.graph import GearError, ProviderError, builders_of, keep_mask, past_name, present_name, read_contract
+from moevl.model.checkpoint import OutputKind, check_output_folder, output_folder
 
 # vision: patches per call (Awaker); images: images per call (MoE-LLaVA, fixed image size)
 DEFAULT_GEARS = {"prefill": [64, 128, 256, 512], "decode": [128, 256, 512, 1024], "vision": [64, 256, 1024],
                  "images": [1, 2, 4]}
 PRECISIONS = ("origin", "fp16", "mixed_float16")
 OM_CONFIG = "om_config.json"
+OM_FORMAT = "moevl-om"
+OM_FOLDER = OutputKind("a moevl OM folder", OM_CONFIG, OM_FORMAT)  # what --force may replace
 # Ascend IR op types of RMSNorm (x * rsqrt(mean(x^2) + eps)) and of the router's softmax, kept in fp32 under
 # mixed_float16 (ATC --modify_mixlist takes Ascend IR OpTypes, not ONNX op types)
 FP32_OPS = ["Pow", "Square", "ReduceMean", "ReduceMeanD", "Sqrt", "Rsqrt", "RealDiv", "SoftmaxV2"]
@@ -139,8 +142,11 @@ def atc_command(graph: OmGraph, onnx_dir: Path, out_dir: Path, soc: str, precisi
 
 
 def build_om(onnx_dir, out=None, soc: str = "Ascend910B2", precision: str = "origin", gears: dict | None = None,
-             batch: int = 1, run_atc: bool = True, log=print) -> Path:
-    """Write om_config.json (+ mixlist, tokenizer files) and either run ATC (when on PATH) or write build_om.sh."""
+             batch: int = 1, run_atc: bool = True, log=print, force: bool = False) -> Path:
+    """Write om_config.json (+ mixlist, tokenizer files) and either run ATC (when on PATH) or write build_om.sh.
+
+    Every argument is checked before anything is written; the folder is written atomically like an ONNX export,
+    and ``force`` replaces only an earlier OM folder (om_config.json with "format": "moevl-om")."""
     onnx_dir = Path(onnx_dir)
     contract = read_contract(onnx_dir)
     if not re.fullmatch(r"Ascend[0-9A-Za-z_]+", soc):
@@ -148,21 +154,21 @@ def build_om(onnx_dir, out=None, soc: str = "Ascend910B2", precision: str = "ori
                          "(e.g. Ascend910B2, Ascend310P3)")
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS}")
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"--batch {batch!r}: the static batch size must be a positive integer")
+    gears = {**{k: list(v) for k, v in DEFAULT_GEARS.items()}, **(gears or {})}
+    graphs = om_graphs(contract, gears, batch)
+    out = Path(out) if out else onnx_dir.with_name(f"{onnx_dir.name}-om-{soc}")
+    check_output_folder(out, OM_FOLDER, force)
     if contract["dtype"] == "fp16" and precision == "origin":
         log("note: an fp16 export compiled with origin stays fp16")
-    gears = {**{k: list(v) for k, v in DEFAULT_GEARS.items()}, **(gears or {})}
-    out = Path(out) if out else onnx_dir.with_name(f"{onnx_dir.name}-om-{soc}")
-    out.mkdir(parents=True, exist_ok=True)
-    graphs = om_graphs(contract, gears, batch)
-    mixlist = None
-    if precision == "mixed_float16":
-        mixlist = out / "mixlist.json"
-        mixlist.write_text(json.dumps({"black-list": {"to-add": FP32_OPS}}, indent=2))
-    commands = [atc_command(g, onnx_dir.resolve(), out.resolve(), soc, precision, mixlist and mixlist.resolve())
-                for g in graphs]
-    for name in contract.get("processor_files", []):
-        shutil.copy2(onnx_dir / name, out / name)
-    config = {"format": "moevl-om", "soc": soc, "precision": precision, "batch": batch, "gears": gears,
+
+    def commands_into(folder: Path) -> list[list[str]]:
+        mixlist = folder / "mixlist.json" if precision == "mixed_float16" else None
+        return [atc_command(g, onnx_dir.resolve(), folder, soc, precision, mixlist) for g in graphs]
+
+    commands = commands_into(out.resolve())  # what the script and om_config.json record: the final folder
+    config = {"format": OM_FORMAT, "soc": soc, "precision": precision, "batch": batch, "gears": gears,
               "onnx_dir": str(onnx_dir.resolve()), "contract": contract,
               "graphs": {g.name: {"om": f"{g.name}.om", "onnx": g.onnx, "input_shape": g.input_shape(),
                                   "dynamic_dims": g.dynamic_dims(), "inputs": g.inputs, "gears": g.gears,
@@ -171,23 +177,31 @@ def build_om(onnx_dir, out=None, soc: str = "Ascend910B2", precision: str = "ori
               "commands": [shlex.join(c) for c in commands],
               "status": "ATC not run yet", "hardware_verified": False}
     atc = shutil.which("atc")
-    if atc and run_atc:
-        for g, c in zip(graphs, commands):
-            log(f"running {shlex.join(c)}")
-            res = subprocess.run(c, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise RuntimeError(f"atc failed for {g.name} (exit {res.returncode}):\n{res.stdout}\n{res.stderr}")
-        config["status"] = "built by atc"
-    else:
+    with output_folder(out, OM_FOLDER, force, log=log) as tmp:
+        if precision == "mixed_float16":
+            (tmp / "mixlist.json").write_text(json.dumps({"black-list": {"to-add": FP32_OPS}}, indent=2))
+        for name in contract.get("processor_files", []):
+            shutil.copy2(onnx_dir / name, tmp / name)
+        if atc and run_atc:
+            for g, c in zip(graphs, commands_into(tmp.resolve())):  # ATC writes into the temporary folder
+                log(f"running {shlex.join(c)}")
+                res = subprocess.run(c, capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise RuntimeError(f"atc failed for {g.name} (exit {res.returncode}):\n{res.stdout}\n"
+                                       f"{res.stderr}")
+            config["status"] = "built by atc"
+        else:
+            script = tmp / "build_om.sh"
+            script.write_text("#!/usr/bin/env bash\n# Build the OM models; run on a host with CANN (source "
+                              "/usr/local/Ascend/ascend-toolkit/set_env.sh first).\nset -euo pipefail\n"
+                              + "".join(shlex.join(c) + "\n" for c in commands))
+            script.chmod(0o755)
+            config["status"] = "build_om.sh written; ATC not run"
+        (tmp / OM_CONFIG).write_text(json.dumps(config, indent=2))
+    if not (atc and run_atc):
         script = out / "build_om.sh"
-        script.write_text("#!/usr/bin/env bash\n# Build the OM models; run on a host with CANN (source "
-                          "/usr/local/Ascend/ascend-toolkit/set_env.sh first).\nset -euo pipefail\n"
-                          + "".join(shlex.join(c) + "\n" for c in commands))
-        script.chmod(0o755)
         log(f"atc is not on PATH: wrote {script}; run it on an Ascend host with CANN to build the OM models"
             if not atc else f"wrote {script} (--script-only)")
-        config["status"] = "build_om.sh written; ATC not run"
-    (out / OM_CONFIG).write_text(json.dumps(config, indent=2))
     return out
 
 

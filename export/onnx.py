@@ -17,9 +17,7 @@ formulations: moevl/kernels/export.py).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -27,8 +25,10 @@ from pathlib import Path
 import torch
 
 from moevl.export.graph import CONTRACT, FORMAT, FORMAT_VERSION, TOLERANCE, ExportError, GraphSpec, builders_of
+from moevl.model.checkpoint import PROCESSOR_FILES, OutputKind, check_output_folder, output_folder
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights: above it the graph keeps them in <graph>.onnx.data
+ONNX_EXPORT = OutputKind("a moevl ONNX export", CONTRACT, FORMAT)  # what --force may replace
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -76,19 +76,22 @@ def export_onnx(spec, out, dtype: str = "fp32", opset: int = 17, force: bool = F
                 log=print, session=None, processor_folder=None, validate_tokens: int = 8, **load_options) -> Path:
     """Export a model (preset, folder, or a loaded PyTorch session) to an ONNX folder; see the module docstring.
 
-    The folder is written under a temporary name beside ``out``, validated, then renamed; any failure (or an
-    interrupt) removes the temporary folder and leaves ``out`` as it was. ``load_options`` go to moevl.load
-    when ``spec`` is loaded here.
+    The folder is written under a temporary name beside ``out``, validated, then renamed; any failure (or Ctrl-C,
+    SIGTERM) removes the temporary folder and leaves ``out`` as it was. ``force`` replaces only an earlier ONNX
+    export (contract.json with "format": "moevl-onnx"). ``load_options`` go to moevl.load when ``spec`` is loaded
+    here.
     """
     from moevl.ascend.device import dtype_name, parse_dtype
 
     if dtype not in TOLERANCE:
         raise ValueError(f"--dtype must be one of {sorted(TOLERANCE)}, not {dtype!r}")
-    if opset > 18:
-        raise ValueError(f"opset {opset}: ATC accepts ONNX opsets up to 18; export with 17 (default)")
+    if not 14 <= opset <= 18:  # the kit supports 14..18 (tested at 17); ATC accepts up to 18
+        raise ValueError(f"--opset {opset}: use an opset from 14 to 18 (ATC accepts up to 18; 17 is the default)")
+    if validate and validate_tokens < 1:
+        raise ValueError(f"--validate-tokens {validate_tokens}: compare at least 1 greedy token, or pass "
+                         "--no-validate")
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
+    check_output_folder(out, ONNX_EXPORT, force)  # before the slow part; checked again when moving into place
     if session is None:
         session = load_for_export(spec, dtype, **load_options)
     model = session.model
@@ -98,9 +101,7 @@ def export_onnx(spec, out, dtype: str = "fp32", opset: int = 17, force: bool = F
     builder.accept(session)
     if processor_folder is None and getattr(session, "processor", None) is not None:
         processor_folder = getattr(session.processor, "folder", None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with output_folder(out, ONNX_EXPORT, force, log=log) as tmp:
         t0 = time.perf_counter()
         saved_kernels = model.ops.kernels
         from moevl.kernels import get_kernels
@@ -116,8 +117,6 @@ def export_onnx(spec, out, dtype: str = "fp32", opset: int = 17, force: bool = F
             model.set_kernels(saved_kernels)
         files = []
         if processor_folder is not None:
-            from moevl.model.checkpoint import PROCESSOR_FILES
-
             for name in PROCESSOR_FILES:
                 if (Path(processor_folder) / name).is_file():
                     shutil.copy2(Path(processor_folder) / name, tmp / name)
@@ -144,16 +143,6 @@ def export_onnx(spec, out, dtype: str = "fp32", opset: int = 17, force: bool = F
             report = validate_export(tmp, session, tokens=validate_tokens, log=log)
             contract["validation"] = report
             (tmp / CONTRACT).write_text(json.dumps(contract, indent=2))
-        if out.exists():  # --force: move the old folder aside first so that a failed rename keeps it
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"ONNX export written to {out}")
     return out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moevl.export.graph import ProviderError, keep_mask, past_name, present_name
+from moevl.export.graph import ExportFolderError, ProviderError, keep_mask, past_name, present_name
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "cann": "CANNExecutionProvider"}
 
@@ -37,7 +37,13 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None, 
         opts.intra_op_num_threads = threads
     providers = [(want, {"device_id": device_id})] if provider != "cpu" else []
     providers.append("CPUExecutionProvider")
-    sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    if not Path(path).is_file():
+        raise ExportFolderError(f"{path} is missing: the export folder is incomplete; re-export it")
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own InvalidProtobuf / Fail / NoSuchFile types
+        raise ExportFolderError(f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]}); the file is corrupt or truncated: re-export it") from e
     if sess.get_providers()[0] != want:
         # onnxruntime-cann / -gpu fall back to CPU when the device library cannot be loaded
         raise ProviderError(f"{path.name}: asked for {want} but the session runs on {sess.get_providers()}; the "

@@ -7,10 +7,15 @@ the tokenizer/processor files. A family's own formats (Hugging Face folders, the
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -64,8 +69,12 @@ def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
+    import zipfile
+
+    # mmap needs torch.save's zip format; a legacy (pre-1.6, _use_new_zipfile_serialization=False) file is read
+    # whole instead of being refused as truncated
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises many types for a truncated/corrupt pickle
         raise CheckpointError(f"{path} could not be read as a PyTorch state dict ({type(e).__name__}: {e}); "
                               "the file may be truncated — check its size and checksum") from e
@@ -100,23 +109,183 @@ def read_our_format(folder: Path, family: str) -> tuple[dict, dict[str, torch.Te
     meta = read_json(folder / OUR_CONFIG)
     if meta.get("family") != family:
         raise CheckpointError(f"{folder} holds a {meta.get('family')!r} model, not {family}")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{folder / OUR_CONFIG} has no \"config\" object: re-save the model with moevl")
     if not (folder / OUR_WEIGHTS).is_file():
         raise CheckpointError(f"{folder / OUR_WEIGHTS} is missing")
     return meta["config"], read_safetensors_folder(folder)
 
 
+# --------------------------------------------------------------------------- writing output folders
+# Every folder the kit writes (a checkpoint, an ONNX export, an OM folder) is built under a hidden temporary name
+# beside the target, ``.<name>.partial-<pid>-<random>``, and renamed into place when complete. The pid names the
+# owner, so a later run can remove the partials of a process that was killed (SIGKILL cannot be caught) and
+# never those of a run still going. --force replaces only a folder the kit wrote itself, recognised by a marker
+# file (or an empty folder: nothing to lose); anything else is refused.
+@dataclasses.dataclass(frozen=True)
+class OutputKind:
+    """A kind of folder the kit writes, recognised by its marker file (and the marker's "format" field)."""
+
+    what: str                 # "a moevl checkpoint", in error messages
+    marker: str               # a file every such folder has
+    format: str | None = None  # the marker's JSON "format" field, when it has one
+
+    def describe(self) -> str:
+        return f'{self.marker} with "format": "{self.format}"' if self.format else self.marker
+
+    def wrote(self, folder: Path) -> bool:
+        """Whether ``folder`` is one of ours (the only kind of folder that --force may replace)."""
+        path = folder / self.marker
+        if not path.is_file():
+            return False
+        if self.format is None:
+            return True
+        try:
+            return json.loads(path.read_text()).get("format") == self.format
+        except (OSError, ValueError, AttributeError):
+            return False
+
+
+CHECKPOINT = OutputKind("a moevl checkpoint", OUR_CONFIG)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while an output folder is being written, raised like Ctrl-C so that the cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def termination_interrupts():
+    """SIGTERM and SIGHUP raise ``Interrupted`` in the main thread for the duration (where they still have their
+    default action: an ignored signal, e.g. under nohup, or someone else's handler is left alone)."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {}
+    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if signum is not None and signal.getsignal(signum) == signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def check_output_folder(out: Path, kind: OutputKind, force: bool, flag: str = "--force",
+                        other: str = "another --out") -> None:
+    """Refuse ``out`` unless it is free, or ``force`` is set and it is a folder ``kind`` that the kit wrote (or an
+    empty folder). One FileExistsError line naming the folder and what to do."""
+    out = Path(out)
+    if out.is_symlink():
+        raise FileExistsError(f"{out} is a symbolic link; choose {other} or remove the link yourself")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} already exists and is a file, not {kind.what}; choose {other}")
+    if not (kind.wrote(out) or not any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not {kind.what} (it has no {kind.describe()}), so "
+                              f"{flag} will not replace it; choose {other} or move that folder away yourself")
+    if not force:
+        raise FileExistsError(f"{out} already exists; choose {other} or pass {flag} to replace it")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: another user's live process; anything odd: keep the folder
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path, log=None) -> list[Path]:
+    """Remove the temporary folders of ``out`` left by runs that were killed (their pid is no longer alive)."""
+    out = Path(out)
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(?:partial|old)-(\d+)-[A-Za-z0-9_]+")
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for entry in out.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(match[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+            if log is not None:
+                log(f"removed {entry}, left by an interrupted run (process {match[1]})")
+    return removed
+
+
+def _new_partial(out: Path) -> Path:
+    """A new empty ``.<name>.partial-<pid>-<random>`` beside ``out`` (mode from the umask, as ``out`` will have)."""
+    while True:
+        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _move_into_place(tmp: Path, out: Path) -> Path | None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (already checked) is moved aside first and put back if the
+    rename fails. -> the old folder, to delete, or None."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return None
+    old = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    return old
+
+
+@contextlib.contextmanager
+def output_folder(out: Path, kind: OutputKind, force: bool = False, flag: str = "--force",
+                  other: str = "another --out", log=None):
+    """Write a folder atomically: yields a temporary folder beside ``out`` that replaces ``out`` when the block
+    ends without an error. An error, Ctrl-C, SIGTERM or SIGHUP removes it and leaves ``out`` as it was; ``out``
+    must pass ``check_output_folder`` (before and again at the end)."""
+    out = Path(out)
+    check_output_folder(out, kind, force, flag, other)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out, log)
+    old = None
+    with termination_interrupts():
+        tmp = _new_partial(out)
+        try:
+            yield tmp
+            check_output_folder(out, kind, force, flag, other)  # out may have appeared meanwhile
+            old = _move_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)  # a failure leaves it to the next run's remove_stale_partials
+
+
 def save(model, processor_folder: Path | None, out: str | Path, overwrite: bool = False,
          extra_files: dict[str, str] | None = None) -> Path:
-    """Write our format atomically: a temporary folder next to ``out``, renamed into place when complete.
-    ``extra_files``: name -> text written beside the weights (e.g. image processor settings)."""
+    """Write our format atomically (``output_folder``); ``overwrite`` replaces only a checkpoint written by
+    ``save``. ``extra_files``: name -> text written beside the weights (e.g. image processor settings)."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another folder or pass overwrite=True (--force)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with output_folder(out, CHECKPOINT, overwrite, flag="overwrite=True (--force)", other="another folder") as tmp:
         sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(sd, str(tmp / OUR_WEIGHTS))
         (tmp / OUR_CONFIG).write_text(json.dumps({"family": model.cfg.family, "config": model.cfg.to_dict()},
@@ -127,12 +296,6 @@ def save(model, processor_folder: Path | None, out: str | Path, overwrite: bool 
                     shutil.copy2(Path(processor_folder) / name, tmp / name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

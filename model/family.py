@@ -78,7 +78,11 @@ def family_of(spec: str | Path) -> Family:
     if not folder.is_dir():
         raise CheckpointError(f"{spec} is neither a preset ({', '.join(sorted(by_preset))}) nor an existing folder")
     if (folder / OUR_CONFIG).is_file():
-        return get(read_json(folder / OUR_CONFIG).get("family"))
+        name = read_json(folder / OUR_CONFIG).get("family")
+        if name is None:
+            raise CheckpointError(f"{folder / OUR_CONFIG} names no \"family\" ({', '.join(families())}): "
+                                  "re-save the model with moevl")
+        return get(name)
     for fam in families().values():
         if fam.detect(folder) is not None:
             return fam

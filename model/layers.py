@@ -23,6 +23,10 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+class KVCacheMemoryError(MemoryError, ValueError):
+    """The static KV cache does not fit (a ValueError too, so the CLI reports it as a bad option, exit 2)."""
+
+
 # Cache lengths are rounded up to a multiple of this, and a cache is reused while it is long enough, so that a
 # compiled decode step (static shapes) sees few distinct lengths (gpt-fast grows its caches the same way).
 CACHE_LENGTH_STEP = 256
@@ -49,9 +53,20 @@ class CachedDecoder(nn.Module):
         length = -(-max_len // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
         if limit is not None:
             length = max(min(length, limit), max_len)
-        self.caches = nn.ModuleList(
-            KVCache(batch, self.cfg.num_kv_heads, length, self.cfg.head_dim, p.dtype, p.device)
-            for _ in self.model.layers)
+        self.caches = None  # the old caches go first: both may not fit
+        try:
+            self.caches = nn.ModuleList(
+                KVCache(batch, self.cfg.num_kv_heads, length, self.cfg.head_dim, p.dtype, p.device)
+                for _ in self.model.layers)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if "memory" not in str(e).lower():
+                raise
+            size = 2 * len(self.model.layers) * batch * self.cfg.num_kv_heads * length * self.cfg.head_dim
+            gib = size * p.element_size() / 2**30
+            raise KVCacheMemoryError(
+                f"the KV cache for {batch} request(s) x {length} tokens needs {gib:.2f} GiB on {p.device}, which is "
+                "not free: lower --max-new-tokens or --max-context, send fewer requests at once, or use a smaller "
+                "dtype") from None
         return length
 
     def logits(self, hidden):

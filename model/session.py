@@ -167,6 +167,12 @@ def request_lists(question, images) -> tuple[list[str], list[list] | None]:
         questions = list(question)
     else:
         raise ValueError(f"question must be a string or a non-empty list of strings, not {_describe(question)}")
+    for q in questions:
+        try:
+            q.encode("utf-8")
+        except UnicodeEncodeError as e:  # e.g. a command-line argument that was not UTF-8 (surrogate escapes)
+            raise ValueError(f"the question is not valid UTF-8 text (byte {e.object[e.start:e.end]!r} at "
+                             f"{e.start}): pass UTF-8 text (--prompt)") from None
     if images is None:
         return questions, None
     if isinstance(images, (str, Path, bytes)) or _is_image(images):

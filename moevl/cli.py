@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 EXIT_USAGE = 2
@@ -169,8 +170,16 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (DeviceError, InputError, CheckpointError, FileExistsError, ValueError, NotImplementedError) as e:
-        print(f"moevl {args.command}: error: {e}", file=sys.stderr)
+        # one line: multi-line messages (key listings, a device's "Fix:" line) are joined
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"moevl {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE if not isinstance(e, NotImplementedError) else 3
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP while an output folder was being written
+        signum = getattr(e, "signum", signal.SIGINT)
+        how = "interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}"
+        written = "; nothing was written" if args.command == "export" else ""  # exports are written atomically
+        print(f"moevl {args.command}: {how}{written}", file=sys.stderr)
+        return 128 + signum  # the shell's status for a process ended by that signal
 
 
 if __name__ == "__main__":

@@ -162,16 +162,19 @@ def test_interrupted_export_leaves_no_folder(tmp_path, torch_session, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_out_is_refused_and_force_replaces_it(tmp_path, torch_session):
+def test_existing_out_is_refused_and_force_replaces_only_an_export(tmp_path, torch_session):
+    # (issue 10: --force used to wipe any folder; it now replaces only an export the kit wrote)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--force"):
         export_onnx("awaker-tiny", out, session=torch_session, validate=False, **QUIET)
+    with pytest.raises(FileExistsError, match="not a moevl ONNX export"):
+        export_onnx("awaker-tiny", out, session=torch_session, validate=False, force=True, **QUIET)
     assert (out / "keep.txt").read_text() == "mine"
-    export_onnx("awaker-tiny", out, session=torch_session, validate=False, force=True, **QUIET)
-    assert (out / CONTRACT).is_file() and not (out / "keep.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    ours = export_onnx("awaker-tiny", tmp_path / "ours", session=torch_session, validate=False, **QUIET)
+    export_onnx("awaker-tiny", ours, session=torch_session, validate=False, force=True, **QUIET)
+    assert (ours / CONTRACT).is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out"]
 
 
 def test_cann_provider_fails_loudly_when_missing(onnx_dir):

@@ -130,3 +130,52 @@ def test_unknown_device_is_a_clear_error():
 
     with pytest.raises(DeviceError, match="cpu"):
         load("awaker-tiny", device="tpu")
+
+
+def test_bf16_release_loaded_in_fp32_equals_the_same_weights_stored_in_fp32(hf, tmp_path):
+    """q/k/v LoRA is merged in the compute dtype, not rounded back to the checkpoint's bf16 first."""
+    rel = write_release(hf, random_adapters(hf, seed=3), tmp_path / "rel")
+    base = write_hf_folder(hf, tmp_path / "base")
+    sd = torch.load(rel / "pytorch_model.bin", weights_only=True)
+    bf16 = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    torch.save(bf16, rel / "pytorch_model.bin")
+    (tmp_path / "rel32").mkdir()
+    torch.save({k: v.float() for k, v in bf16.items()}, tmp_path / "rel32" / "pytorch_model.bin")
+    a, _ = load_awaker(rel, CPU, base=base)
+    b, _ = load_awaker(tmp_path / "rel32", CPU, base=base)
+    for name, w in a.state_dict().items():
+        assert w.dtype == torch.float32
+        assert (w - b.state_dict()[name]).abs().max().item() <= 1e-4, name
+
+
+def test_legacy_non_zip_torch_save_is_read(hf, tmp_path):
+    rel = write_release(hf, random_adapters(hf, seed=4), tmp_path / "rel")
+    sd = torch.load(rel / "pytorch_model.bin", weights_only=True)
+    torch.save(sd, rel / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    base = write_hf_folder(hf, tmp_path / "base")
+    model, _ = load_awaker(rel, CPU, base=base)  # used to be refused as "may be truncated"
+    assert model.cfg.adapters.num_experts > 0
+
+
+def test_missing_base_folder_is_said_to_not_exist(hf, tmp_path):
+    rel = write_release(hf, random_adapters(hf, seed=4), tmp_path / "rel")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_awaker(rel, CPU, base=tmp_path / "nope")
+
+
+def test_config_without_attention_heads_names_the_field(hf, tmp_path):
+    folder = write_hf_folder(hf, tmp_path / "hf")
+    cfg = json.loads((folder / "config.json").read_text())
+    for d in (cfg, cfg.get("text_config") or {}):
+        d.pop("num_attention_heads", None)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    from moevl.model.checkpoint import ConfigError
+
+    with pytest.raises(ConfigError, match="num_attention_heads"):
+        load_awaker(folder, CPU)
+
+
+def test_our_format_without_family_names_the_file(tmp_path):
+    (tmp_path / "moevl_config.json").write_text(json.dumps({"config": {}}))
+    with pytest.raises(CheckpointError, match='moevl_config.json names no "family"'):
+        load(tmp_path, device="cpu")

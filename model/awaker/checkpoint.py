@@ -56,7 +56,7 @@ _LORA_PLAIN = re.compile(r"^(.*)\.lora_([AB])\.default\.weight$")
 def map_awaker_release(sd: dict[str, torch.Tensor], qkv_scaling: float):
     """The release's PeftModel keys -> (our base state dict, adapter hyper-parameters).
 
-    q/k/v plain LoRA is merged into W here (W + s B A, computed in fp32). LoRA-MoE experts "0".."3" and "g"
+    q/k/v plain LoRA is merged into W here (W + s B A, computed and kept in fp32, whatever the checkpoint's dtype). LoRA-MoE experts "0".."3" and "g"
     are stacked into lora_A [X, r, in] / lora_B [X, out, r] with the global expert last; the router's
     ``w_gate`` and ``ln`` become ``router.gate`` and ``router.norm_weight``.
     """
@@ -80,7 +80,9 @@ def map_awaker_release(sd: dict[str, torch.Tensor], qkv_scaling: float):
             raise CheckpointError(f"incomplete plain LoRA for {mod}: has {sorted(ab)}, base weight "
                                   f"{'present' if mod + '.weight' in base else 'missing'}")
         w = base[mod + ".weight"]
-        base[mod + ".weight"] = (w.float() + qkv_scaling * (ab["B"].float() @ ab["A"].float())).to(w.dtype)
+        # kept in fp32: assign_weights casts once to the compute dtype (rounding back to the checkpoint's bf16 here
+        # first put fp32 logits 0.035-0.040 off at 2 layers of 7B width)
+        base[mod + ".weight"] = w.float() + qkv_scaling * (ab["B"].float() @ ab["A"].float())
     experts, rank = None, None
     for mod, ab in moe.items():
         names = sorted(ab.get("A", {}), key=lambda n: (n == "g", n))

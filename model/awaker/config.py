@@ -111,8 +111,8 @@ class AwakerConfig:
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
         eos = text.get("eos_token_id", hf.get("eos_token_id", 151645))
         eos = tuple(eos) if isinstance(eos, list) else (eos,)
-        heads = text["num_attention_heads"]
         try:
+            heads = text["num_attention_heads"]
             return cls(
                 vocab_size=text["vocab_size"],
                 hidden_size=text["hidden_size"],

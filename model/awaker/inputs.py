@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from moevl.model.awaker.config import AwakerConfig
-from moevl.model.request import InputError, check_image_lists, check_prompt_length, left_pad, load_image
+from moevl.model.request import (ChatPrompt, InputError, check_image_lists, check_prompt_length, encode_prompt,
+                                 fill_placeholders, image_name, left_pad, load_image, render_chat)
 
 
 @dataclasses.dataclass
@@ -177,48 +178,63 @@ class AwakerProcessor:
         proc.folder = folder
         return proc
 
-    def chat(self, question: str, num_images: int = 1, history: list[tuple[str, str]] | None = None) -> str:
-        """The prompt text for one question (with optional earlier turns), with the generation prompt."""
-        msgs = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}]
-        for q, a in history or []:
-            msgs.append({"role": "user", "content": [{"type": "text", "text": q}]})
-            msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
-        if history and num_images:
-            # images belong to the first user turn, where the router looks
-            msgs[1]["content"] = [{"type": "image"}] * num_images + msgs[1]["content"]
-            msgs.append({"role": "user", "content": [{"type": "text", "text": question}]})
-        else:
-            msgs.append({"role": "user", "content": [{"type": "image"}] * num_images
-                         + [{"type": "text", "text": question}]})
-        return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    def chat(self, question: str, num_images: int = 1, history: list[tuple[str, str]] | None = None) -> ChatPrompt:
+        """The prompt for one question (with optional earlier turns), with the generation prompt. The question and
+        the turns are the user's text: ``__call__`` tokenizes them as plain characters, special-token strings
+        included, so they cannot open or close turns and move the routers' span."""
+        history = list(history or [])
+
+        def render(texts: list[str]) -> str:  # texts: the turns' questions and answers, then the question
+            msgs = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}]
+            for k in range(len(history)):
+                msgs.append({"role": "user", "content": [{"type": "text", "text": texts[2 * k]}]})
+                msgs.append({"role": "assistant", "content": [{"type": "text", "text": texts[2 * k + 1]}]})
+            if history and num_images:
+                # images belong to the first user turn, where the router looks
+                msgs[1]["content"] = [{"type": "image"}] * num_images + msgs[1]["content"]
+                msgs.append({"role": "user", "content": [{"type": "text", "text": texts[-1]}]})
+            else:
+                msgs.append({"role": "user", "content": [{"type": "image"}] * num_images
+                             + [{"type": "text", "text": texts[-1]}]})
+            return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+        return render_chat(render, [text for turn in history for text in turn] + [question])
 
     def __call__(self, prompts: list[str], images: list[list] | None = None,
                  max_length: int | None = None) -> AwakerBatch:
+        """Prompts (from ``chat``; a plain string is taken as all template) and each prompt's images -> a batch."""
         cfg = self.cfg
         images = check_image_lists(prompts, images)
         merge = cfg.vision.spatial_merge_size
         all_patches, grids, seqs = [], [], []
         image_token = self.tokenizer.convert_ids_to_tokens(cfg.image_token_id)
-        for prompt, imgs in zip(prompts, images):
-            imgs = [load_image(im) for im in imgs]
+        for prompt, sources in zip(prompts, images):
             sample_grids = []
-            if imgs:
-                out = self.image_processor(images=imgs, return_tensors="pt")
+            if sources:
+                out = self.process_images(sources)
                 all_patches.append(out["pixel_values"])
                 sample_grids = [tuple(g) for g in out["image_grid_thw"].tolist()]
-            parts = prompt.split(image_token)
-            if len(parts) - 1 != len(sample_grids):
-                raise InputError(f"the prompt has {len(parts) - 1} image placeholders but {len(sample_grids)} "
-                                 "images were given")
-            text = parts[0]
-            for g, part in zip(sample_grids, parts[1:]):
-                text += image_token * (g[0] * g[1] * g[2] // merge ** 2) + part
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            fills = [[cfg.image_token_id] * (t * h * w // merge ** 2) for t, h, w in sample_grids]
+            ids = fill_placeholders(encode_prompt(self.tokenizer, prompt, image_token), fills, image_token)
             check_prompt_length(len(ids), max_length,
                                 "shorten the question, use a smaller image, or raise --max-context")
             seqs.append(ids)
             grids.extend(sample_grids)
         return collate(seqs, grids, all_patches, cfg)
+
+    def process_images(self, sources: list) -> dict:
+        """One prompt's images (paths or PIL images) -> the image processor's pixel_values and image_grid_thw."""
+        imgs = [load_image(im) for im in sources]
+        try:
+            return self.image_processor(images=imgs, return_tensors="pt")
+        except ValueError as e:
+            if "aspect ratio" not in str(e):
+                raise
+            # Qwen2-VL's smart_resize refuses long thin images; name the thinnest one
+            k = max(range(len(imgs)), key=lambda k: max(imgs[k].size) / min(imgs[k].size))
+            w, h = imgs[k].size
+            raise InputError(f"{image_name(sources[k])} is {w}x{h} pixels, too long and thin for Qwen2-VL's image "
+                             f"processor ({e}): crop it, or pad it nearer to square") from e
 
 
 def collate(seqs: list[list[int]], grids, all_patches, cfg: AwakerConfig) -> AwakerBatch:

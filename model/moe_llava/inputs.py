@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from moevl.model.request import InputError, check_image_lists, check_prompt_length, left_pad, load_image
+from moevl.model.request import (ChatPrompt, InputError, check_image_lists, check_prompt_length, encode_prompt,
+                                 fill_placeholders, left_pad, load_image)
 from moevl.model.moe_llava.config import IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, MoeLlavaConfig
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -100,18 +101,21 @@ class MoeLlavaProcessor:
         proc.folder = folder
         return proc
 
-    def chat(self, question: str, num_images: int = 1) -> str:
-        """The original's conv template (phi / stablelm are the same): '{system} USER: <image>\\n{q} ASSISTANT:'."""
-        return f"{self.system_prompt} USER: {(IMAGE_PLACEHOLDER + chr(10)) * num_images}{question} ASSISTANT:"
+    def chat(self, question: str, num_images: int = 1) -> ChatPrompt:
+        """The original's conv template (phi / stablelm are the same): '{system} USER: <image>\\n{q} ASSISTANT:'.
+        The question is the user's text: tokenized as plain characters (an ``<image>`` or ``<|endoftext|>`` typed
+        in it stays text)."""
+        head = f"{self.system_prompt} USER: {(IMAGE_PLACEHOLDER + chr(10)) * num_images}"
+        return ChatPrompt(f"{head}{question} ASSISTANT:", [(len(head), len(head) + len(question))])
 
-    def tokenize(self, prompt: str) -> list[int]:
-        """As the original's tokenizer_image_token: chunks between <image> tokenized apart, the sentinel between,
-        expanded here to one sentinel per image token."""
-        chunks = [self.tokenizer(c, add_special_tokens=False).input_ids for c in prompt.split(IMAGE_PLACEHOLDER)]
-        ids = list(self.bos) + chunks[0]
-        for c in chunks[1:]:
-            ids += [IMAGE_TOKEN_INDEX] * self.cfg.vision.num_image_tokens + c
-        return ids
+    def tokenize(self, prompt: str, num_images: int | None = None) -> list[int]:
+        """As the original's tokenizer_image_token: the text between <image> placeholders tokenized apart, the
+        sentinel between, expanded here to one sentinel per image token. ``num_images``: the images given (checked
+        against the placeholders); None: as many as the prompt has placeholders."""
+        ids = encode_prompt(self.tokenizer, prompt, IMAGE_PLACEHOLDER)
+        n = ids.count(None) if num_images is None else num_images
+        sentinels = [IMAGE_TOKEN_INDEX] * self.cfg.vision.num_image_tokens
+        return list(self.bos) + fill_placeholders(ids, [sentinels] * n, IMAGE_PLACEHOLDER)
 
     def pixels(self, images) -> torch.Tensor:
         ims = [load_image(im) for im in images]
@@ -130,11 +134,7 @@ class MoeLlavaProcessor:
         images = check_image_lists(prompts, images)
         seqs, all_images = [], []
         for prompt, imgs in zip(prompts, images):
-            n = prompt.count(IMAGE_PLACEHOLDER)
-            if n != len(imgs):
-                raise InputError(f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholders but {len(imgs)} images "
-                                 "were given")
-            ids = self.tokenize(prompt)
+            ids = self.tokenize(prompt, num_images=len(imgs))
             check_prompt_length(len(ids), max_length, "shorten the question or raise --max-context")
             seqs.append(ids)
             all_images.extend(imgs)
