@@ -101,3 +101,15 @@ def test_non_utf8_prompt(tmp_path):
 
 def test_export_check_of_a_corrupt_graph(inputs, tmp_path):
     check_one_line(run_cli(["export", "check", str(inputs / "onnx-corrupt")], tmp_path), "decoder.onnx")
+
+
+@pytest.mark.parametrize("argv,word", [
+    (["--opset", "5"], "--opset"),
+    (["--validate-tokens", "0"], "--validate-tokens"),
+    (["--dtype", "fp32", "--base", "{d}/empty"], "--base"),
+], ids=["opset-5", "validate-tokens-0", "base-on-a-preset"])
+def test_bad_export_options(inputs, tmp_path, argv, word):
+    argv = ["export", "onnx", "--model", "awaker-tiny", "--out", str(tmp_path / "out")] + [a.format(d=inputs)
+                                                                                         for a in argv]
+    check_one_line(run_cli(argv, tmp_path), word)
+    assert list(tmp_path.iterdir()) == []

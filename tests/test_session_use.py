@@ -106,3 +106,28 @@ def test_nan_weights_fail_with_a_clear_error_instead_of_an_empty_answer():
         s.model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteLogitsError, match="non-finite"):
         s.ask("What is this?", images=[DEMO_IMAGE], max_new_tokens=3)
+
+
+def test_kv_cache_out_of_memory_says_how_much_and_what_to_lower(monkeypatch):
+    from moevl.model import layers
+
+    s = moevl.load("awaker-tiny", device="cpu")
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(layers.KVCache, "__init__", no_memory)
+    with pytest.raises(layers.KVCacheMemoryError, match="GiB.*--max-new-tokens"):
+        s.ask("What is this?", max_new_tokens=3)
+
+
+def test_awaker_release_exports_with_base(tmp_path):
+    from moevl.export.graph import read_contract
+    from moevl.export.onnx import export_onnx
+    from tests.awaker_fixtures import random_adapters, tiny_hf_model, write_hf_folder, write_release
+
+    hf = tiny_hf_model(seed=7)
+    rel = write_release(hf, random_adapters(hf, seed=8), tmp_path / "rel")
+    base = write_hf_folder(hf, tmp_path / "base")
+    out = export_onnx(rel, tmp_path / "onnx", base=str(base), validate_tokens=2, log=lambda *a: None)
+    assert read_contract(out)["validation"]["greedy"]["equal"]
