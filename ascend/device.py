@@ -49,7 +49,7 @@ _DTYPES = {
 _SHORT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _NO_BF16_ON_310P = (
     "{chip} is a 310P, which has no bf16 support (torch.npu.is_bf16_supported() is False there); "
-    "use --dtype fp16 (the 310P default) or fp32"
+    "use --dtype fp16 (the 310P default)"
 )
 
 

@@ -27,6 +27,8 @@ class Kernels:
     round_to_fp16: Callable     # (x fp32) -> the nearest fp16 values, kept in fp32 (Awaker's router)
     insert_image_features: Callable  # (embeds [B,T,H], features [M,H], mask [B,T] bool) -> embeds with features
     moe_ffn: Callable | None = None  # token-level top-k MoE (MoE-LLaVA); see kernels.moe
+    # (dtype) -> {op: why it cannot run in that dtype, and what to use}: a chip's rules, checked at load time
+    unsupported: Callable = lambda dtype: {}
 
 
 _BACKENDS: dict[str, Kernels] = {}

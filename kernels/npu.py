@@ -201,6 +201,12 @@ class NpuKernels:
                              f"(got {n}); this MoE cannot run on a 310P")
 
     # ---------------------------------------------------------------------------------------------- record
+    def unsupported(self, dtype) -> dict:
+        """What this chip cannot run in ``dtype`` (checked when a model is placed, not mid-request)."""
+        if self.chip == "310P" and dtype != torch.float16:
+            return {"moe_ffn": "npu_grouped_matmul on a 310P takes fp16 only: use --dtype fp16 (the 310P default)"}
+        return {}
+
     def kernels(self, name: str) -> Kernels:
         return dataclasses.replace(
             _BACKENDS["reference"],
@@ -213,6 +219,7 @@ class NpuKernels:
             lora_moe_prepare=cpu.lora_moe_prepare,
             lora_moe_linear=cpu.lora_moe_linear,
             moe_ffn=self.moe_ffn,
+            unsupported=self.unsupported,
         )
 
 

@@ -64,9 +64,15 @@ def place(model, device):
     """What makes a model on ``device`` run the device's code path: its kernel set (for NPUs, the chip's) and the
     weight layout its kernels want (310P: FRACTAL_NZ). ``load`` does this; code that builds a model by hand (the
     benchmarks' random 7B-width models) calls it too. -> model"""
+    from moevl.ascend.device import dtype_name
     from moevl.kernels import get_kernels
 
-    model.set_kernels(get_kernels(device))
+    kernels = get_kernels(device)
+    dtype = model.lm_head.weight.dtype
+    bad = [why for op, why in kernels.unsupported(dtype).items() if op in model.hot_ops]
+    if bad:
+        raise ValueError(f"{model.cfg.family} in {dtype_name(dtype)} cannot run on {device.chip}: {'; '.join(bad)}")
+    model.set_kernels(kernels)
     device.prepare_model(model)
     return model
 

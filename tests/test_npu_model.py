@@ -111,3 +111,22 @@ def test_moellava_on_npu_emulated_equals_cpu():
     mask = batch.attention_mask.bool()
     assert (got[mask] - want[mask]).abs().max().item() < FP32_TOL
     assert {"npu_moe_init_routing_v2", "npu_grouped_matmul"} <= set(npu_calls(s))
+
+
+def test_moellava_fp32_on_310p_is_refused_at_load_and_the_suggested_dtype_runs():
+    """npu_grouped_matmul on 310P takes fp16 only: refused when loading (not mid-request), naming fp16; fp16 runs."""
+    with pytest.raises(ValueError, match="--dtype fp16"):
+        load("moellava-tiny", device="npu-emulated:310P", dtype="fp32")
+    s = load("moellava-tiny", device="npu-emulated:310P", dtype="fp16")
+    assert len(s.ask(QUESTIONS[:1], images=IMAGES[:1], max_new_tokens=2).token_ids[0]) >= 1
+
+
+@pytest.mark.parametrize("preset", ["awaker-tiny", "moellava-tiny"])
+def test_the_310p_bf16_refusal_suggests_a_dtype_that_runs(preset):
+    import re
+
+    with pytest.raises(DeviceError, match="--dtype") as e:
+        load(preset, device="npu-emulated:310P", dtype="bf16")
+    suggested = re.search(r"--dtype (\w+)", str(e.value)).group(1)
+    s = load(preset, device="npu-emulated:310P", dtype=suggested)
+    assert len(s.ask(QUESTIONS[:1], images=IMAGES[:1], max_new_tokens=2).token_ids[0]) >= 1

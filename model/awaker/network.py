@@ -143,6 +143,9 @@ class TextModel(nn.Module):
 class AwakerModel(CachedDecoder):
     """The whole network. ``forward`` runs the decoder on prepared embeddings with a static KV cache."""
 
+    hot_ops = ("rms_norm", "layer_norm", "apply_rotary", "mrope_cos_sin", "swiglu", "attention", "patch_embed",
+               "lora_moe_prepare", "lora_moe_linear", "round_to_fp16", "insert_image_features")  # kernel ops it calls
+
     def __init__(self, cfg: AwakerConfig, kernels=None):
         super().__init__()
         self.cfg = cfg

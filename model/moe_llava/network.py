@@ -218,6 +218,8 @@ class TextModel(nn.Module):
 class MoeLlavaModel(CachedDecoder):
     """The whole network. ``forward`` runs the decoder on prepared embeddings with a static KV cache."""
 
+    hot_ops = ("layer_norm", "apply_rotary", "swiglu", "attention", "moe_ffn", "insert_image_features")  # kernel ops
+
     def __init__(self, cfg: MoeLlavaConfig, kernels=None):
         super().__init__()
         self.cfg = cfg
