@@ -198,6 +198,24 @@ def fill_placeholders(ids: list[int | None], fills: list[list[int]], placeholder
 
 
 # ------------------------------------------------------------------------------------ batches
+def load_tokenizer(folder: Path):
+    """transformers' tokenizer of a local folder, without the warnings it prints about configs of model types it
+    does not know (MoE-LLaVA's config.json) or about defaults that change nothing here."""
+    import warnings
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def check_image_lists(prompts: list, images: list[list] | None) -> list[list]:
     """One image list per prompt (an empty list each when ``images`` is None)."""
     images = images or [[] for _ in prompts]

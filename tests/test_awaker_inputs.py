@@ -107,3 +107,20 @@ def test_vision_mask_is_block_diagonal_per_image_and_positions_follow_merge_orde
     assert keep[:8, :8].all() and keep[8:, 8:].all() and not keep[:8, 8:].any()
     # merge order: the first 2x2 block of the first image comes first
     assert pos[:4].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+
+
+def test_a_tokenizer_config_without_unk_token_is_still_a_qwen2_vl_tokenizer(tmp_path):
+    """Without unk_token, transformers defaults it to <|endoftext|>; that token is Qwen2-VL's pad, not missing."""
+    import json
+    import shutil
+
+    from moevl.model.awaker.inputs import AwakerProcessor
+    from moevl.model.awaker.tiny import TINY_TOKENIZER
+
+    folder = tmp_path / "tok"
+    shutil.copytree(TINY_TOKENIZER, folder)
+    conf = json.loads((folder / "tokenizer_config.json").read_text())
+    conf["unk_token"] = "<|endoftext|>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(conf))
+    proc = AwakerProcessor.from_folder(folder, awaker_tiny())
+    assert proc.cfg.pad_token_id == proc.tokenizer.convert_tokens_to_ids("<|endoftext|>")

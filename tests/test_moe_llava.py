@@ -364,3 +364,16 @@ def test_api_rejects_awaker_options_and_unknown_routing():
         load("moellava-tiny", device="cpu", routing="legacy")
     with pytest.raises(ValueError, match="moe_routing"):
         load("moellava-tiny", device="cpu", moe_routing="random")
+
+
+def test_loading_an_original_folder_prints_no_transformers_warnings(tmp_path, capfd):
+    """AutoTokenizer reads config.json (model_type moe_llava_phi, unknown to transformers) and used to warn."""
+    folder = fx.write_original_folder(tmp_path / "orig", {"model_type": "moe_llava_phi"}, {}, shards=1)
+    capfd.readouterr()
+    from moevl.model.moe_llava.config import moellava_tiny
+    from moevl.model.moe_llava.inputs import MoeLlavaProcessor
+
+    MoeLlavaProcessor.from_folder(folder, moellava_tiny(), preprocessor={"size": {"shortest_edge": 56},
+                                                                         "crop_size": {"height": 56, "width": 56}})
+    out, err = capfd.readouterr()
+    assert "model of type" not in err and "Warning" not in err and err.strip() == "", err

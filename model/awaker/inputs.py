@@ -14,7 +14,7 @@ import torch
 
 from moevl.model.awaker.config import AwakerConfig
 from moevl.model.request import (ChatPrompt, InputError, check_image_lists, check_prompt_length, encode_prompt,
-                                 fill_placeholders, image_name, left_pad, load_image, render_chat)
+                                 fill_placeholders, image_name, left_pad, load_image, load_tokenizer, render_chat)
 
 
 @dataclasses.dataclass
@@ -125,7 +125,9 @@ def bind_special_tokens(cfg: AwakerConfig, tokenizer, folder) -> None:
     ids = {}
     for field, token in _SPECIAL.items():
         tid = tokenizer.convert_tokens_to_ids(token)
-        if tid is None or tid == tokenizer.unk_token_id:
+        # an id equal to unk is a missing token, unless the token IS the unk token (a tokenizer_config.json without
+        # unk_token defaults it to <|endoftext|>, which Qwen2-VL does have)
+        if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
             raise InputError(f"the tokenizer in {folder} has no {token} token: not a Qwen2-VL tokenizer")
         ids[field] = tid
     for field in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
@@ -156,13 +158,12 @@ class AwakerProcessor:
 
     @classmethod
     def from_folder(cls, folder: str | Path, cfg: AwakerConfig) -> "AwakerProcessor":
-        from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
             raise InputError(f"{folder} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tok = load_tokenizer(folder)
         pre = folder / "preprocessor_config.json"
         if pre.is_file():
             conf = json.loads(pre.read_text())

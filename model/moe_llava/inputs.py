@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from moevl.model.request import (ChatPrompt, InputError, check_image_lists, check_prompt_length, encode_prompt,
-                                 fill_placeholders, left_pad, load_image)
+                                 fill_placeholders, left_pad, load_image, load_tokenizer)
 from moevl.model.moe_llava.config import IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, MoeLlavaConfig
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -85,12 +85,11 @@ class MoeLlavaProcessor:
     def from_folder(cls, folder: str | Path, cfg: MoeLlavaConfig, preprocessor: dict | None = None):
         """Tokenizer from ``folder``; image processor settings from ``preprocessor`` (a preprocessor_config.json
         dict, e.g. from the vision tower folder) or ``folder``'s own preprocessor_config.json."""
-        from transformers import AutoTokenizer
 
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
             raise InputError(f"{folder} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tok = load_tokenizer(folder)
         if preprocessor is None:
             pre = folder / "preprocessor_config.json"
             if not pre.is_file():
