@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moevl.export.graph import GearError, ProviderError, builders_of, keep_mask, past_name, present_name, read_contract
+from moevl.export.graph import ExportError, GearError, ProviderError, builders_of, keep_mask, past_name, present_name, read_contract
 from moevl.model.checkpoint import OutputKind, check_output_folder, output_folder
 
 # vision: patches per call (Awaker); images: images per call (MoE-LLaVA, fixed image size)
@@ -187,8 +187,10 @@ def build_om(onnx_dir, out=None, soc: str = "Ascend910B2", precision: str = "ori
                 log(f"running {shlex.join(c)}")
                 res = subprocess.run(c, capture_output=True, text=True)
                 if res.returncode != 0:
-                    raise RuntimeError(f"atc failed for {g.name} (exit {res.returncode}):\n{res.stdout}\n"
-                                       f"{res.stderr}")
+                    said = [x.strip() for x in (res.stderr + "\n" + res.stdout).splitlines() if x.strip()]
+                    raise ExportError(f"atc failed for {g.name} (exit {res.returncode}): "
+                                      f"{said[0] if said else 'no output'}; run `{shlex.join(c)}` by hand for all "
+                                      "of its output")
             config["status"] = "built by atc"
         else:
             script = tmp / "build_om.sh"

@@ -15,6 +15,7 @@ import re
 import secrets
 import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 
@@ -184,6 +185,7 @@ def check_output_folder(out: Path, kind: OutputKind, force: bool, flag: str = "-
     """Refuse ``out`` unless it is free, or ``force`` is set and it is a folder ``kind`` that the kit wrote (or an
     empty folder). One FileExistsError line naming the folder and what to do."""
     out = Path(out)
+    _check_writable(out.parent if out.parent != Path("") else Path("."), other)
     if out.is_symlink():
         raise FileExistsError(f"{out} is a symbolic link; choose {other} or remove the link yourself")
     if not out.exists():
@@ -195,6 +197,24 @@ def check_output_folder(out: Path, kind: OutputKind, force: bool, flag: str = "-
                               f"{flag} will not replace it; choose {other} or move that folder away yourself")
     if not force:
         raise FileExistsError(f"{out} already exists; choose {other} or pass {flag} to replace it")
+
+
+class OutputLocationError(ValueError):
+    """The folder an output would be written into cannot be written (checked before any slow work)."""
+
+
+def _check_writable(parent: Path, other: str) -> None:
+    """Create and remove a probe folder where the output's temporary folder will go: a read-only, permission-
+    denied or full disk fails here, before a model is loaded, instead of after minutes of work."""
+    probe = parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent  # the output folder's parents are created when writing
+    try:
+        tmp = tempfile.mkdtemp(prefix=".moevl-write-check-", dir=probe)
+        os.rmdir(tmp)
+    except OSError as e:
+        raise OutputLocationError(f"cannot write in {probe} ({e.strerror or e}): choose {other} on a writable "
+                                  "disk with free space") from None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -196,3 +196,37 @@ def test_a_signal_during_an_export_cleans_up_and_says_so_in_one_line(tmp_path, s
         proc.wait()
     assert rest.splitlines() == [message]
     assert names(work) == []
+
+
+def test_an_unwritable_output_location_fails_before_loading(tmp_path, monkeypatch):
+    """(as root a chmod would not stop writing, so the file system's refusal is simulated)"""
+    import tempfile as tf
+
+    from moevl.export.onnx import export_onnx
+    from moevl.model.checkpoint import OutputLocationError
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    loaded = []
+    monkeypatch.setattr(tf, "mkdtemp", refuse)
+    monkeypatch.setattr("moevl.export.onnx.load_for_export", lambda *a, **k: loaded.append(1))
+    with pytest.raises(OutputLocationError, match="cannot write in .*Permission denied"):
+        export_onnx("awaker-tiny", tmp_path / "out", log=lambda *a: None)
+    assert loaded == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_atc_is_one_line_and_leaves_nothing(tmp_path, onnx_dir, monkeypatch):
+    from moevl.export.graph import ExportError
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    atc = bin_dir / "atc"
+    atc.write_text("#!/bin/sh\necho 'ATC run failed, Please check the detail log'\necho 'E10001: bad soc' >&2\nexit 1\n")
+    atc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "om"
+    with pytest.raises(ExportError, match="atc failed for .* E10001: bad soc") as e:
+        build_om(onnx_dir, out, soc="Ascend910B2", log=lambda *a: None)
+    assert "\n" not in str(e.value) and not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["bin"]
