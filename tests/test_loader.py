@@ -179,3 +179,15 @@ def test_our_format_without_family_names_the_file(tmp_path):
     (tmp_path / "moevl_config.json").write_text(json.dumps({"config": {}}))
     with pytest.raises(CheckpointError, match='moevl_config.json names no "family"'):
         load(tmp_path, device="cpu")
+
+
+def test_mixed_lora_ranks_are_named_not_a_stack_traceback(hf, tmp_path):
+    rel = write_release(hf, random_adapters(hf, seed=2), tmp_path / "rel")
+    sd = torch.load(rel / "pytorch_model.bin", weights_only=True)
+    key = next(k for k in sd if "mlp.up_proj.lora_moe_A.1" in k)
+    sd[key] = sd[key][:2].clone()  # rank 2 for one expert
+    bkey = key.replace("lora_moe_A", "lora_moe_B")
+    sd[bkey] = sd[bkey][:, :2].clone()
+    torch.save(sd, rel / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="have ranks"):
+        load_awaker(rel, CPU, base=write_hf_folder(hf, tmp_path / "base"))

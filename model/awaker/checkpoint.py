@@ -89,6 +89,11 @@ def map_awaker_release(sd: dict[str, torch.Tensor], qkv_scaling: float):
         if sorted(ab.get("A", {})) != sorted(ab.get("B", {})) or "g" not in names:
             raise CheckpointError(f"LoRA-MoE experts of {mod} are incomplete: A {sorted(ab.get('A', {}))}, "
                                   f"B {sorted(ab.get('B', {}))} (expected 0..N-1 and g in both)")
+        ranks = {n: ab["A"][n].shape[0] for n in names}
+        if len(set(ranks.values())) > 1 or (rank is not None and ranks[names[0]] != rank):
+            raise CheckpointError(f"LoRA-MoE experts of {mod} have ranks {ranks}"
+                                  + (f" but earlier modules rank {rank}" if rank is not None else "")
+                                  + ": the kit needs one rank for every expert of every module")
         base[mod + ".lora_A"] = torch.stack([ab["A"][n] for n in names])
         base[mod + ".lora_B"] = torch.stack([ab["B"][n] for n in names])
         experts, rank = len(names) - 1, ab["A"][names[0]].shape[0]
