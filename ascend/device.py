@@ -255,7 +255,7 @@ class _NpuBehaviour:
 
     def torch_npu(self):
         """The provider of the torch_npu functions (the real module, or the emulation on npu-emulated)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must say where its torch_npu functions come from")
 
     def prepare_model(self, model) -> None:
         if self.chip_family == "310P":
