@@ -177,8 +177,14 @@ def test_the_termination_handler_is_restored_after_an_export(tmp_path, session):
 def test_a_signal_during_an_export_cleans_up_and_says_so_in_one_line(tmp_path, signum, status, message):
     work = tmp_path / "work"
     work.mkdir()
-    cmd = [sys.executable, "-m", "moevl.cli", "export", "onnx", "--model", "awaker-tiny", "--out",
-           str(work / "X"), "--no-validate"]
+    # each graph after the first waits 5 s before it is traced, so the signal surely lands mid-export (a tiny
+    # export is otherwise over within a second, and on a loaded machine the signal could come after it)
+    code = ("import sys, time, moevl.export.onnx as o; trace = o._export_graph; "
+            "o._export_graph = lambda s, *a: (time.sleep(0 if s.name == 'vision' else 5), trace(s, *a))[1]; "
+            "from moevl.cli import main; "
+            f"sys.exit(main(['export', 'onnx', '--model', 'awaker-tiny', '--out', {str(work / 'X')!r}, "
+            "'--no-validate']))")
+    cmd = [sys.executable, "-c", code]
     # SIGINT as a terminal delivers it, even if this test runs where it is ignored (a background job)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
