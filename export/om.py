@@ -343,11 +343,11 @@ class OmRunner:
         gear = _fit_gear(graph, tuple(max(m, 1) if n == "image_features" else t for n in dynamic), "a prompt")
         seq, rows = gear[dynamic.index("input_ids")], gear[dynamic.index("image_features")]
         padded = {}
-        for name, _ in graph.inputs:
+        for name, dims in graph.inputs:
             x = feeds[name]
             if name == "image_features":
                 padded[name] = np.concatenate([x, np.zeros((rows - m, x.shape[1]), x.dtype)])
-            elif x.ndim == 2 and x.shape[1] == t and name != "router_span":
+            elif dims[1:] == [-1]:  # [batch, seq] token inputs (by the compiled shape, not by name)
                 fill = self.pad_token_id if name == "input_ids" else 0
                 padded[name] = np.concatenate([x, np.full((b, seq - t), fill, x.dtype)], 1)
             else:
