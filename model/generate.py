@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -20,6 +21,7 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    repetition_penalty: float = 1.0  # transformers' rule: a seen token's logit is divided (>0) or multiplied (<0)
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -34,6 +36,54 @@ class GenerationConfig:
             raise ValueError(f"top_k must be a whole number >= 0, 0 disabling it (--top-k), not {self.top_k!r}")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2 ** 64):
             raise ValueError(f"seed must be a whole number in [0, 2**64 - 1] (--seed), not {self.seed!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty)
+                and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, 1 disabling it "
+                             f"(--repetition-penalty), not {self.repetition_penalty!r}")
+
+
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
+GENERATION_CONFIG = "generation_config.json"
+
+
+def read_generation_config(path: Path) -> dict:
+    """A Hugging Face ``generation_config.json`` -> the sampling defaults it sets, honoured as transformers'
+    ``generate`` honours them (and vLLM's ``--generation-config auto``): temperature / top_p / top_k only when
+    ``do_sample`` is true (else greedy), repetition_penalty and max_new_tokens always. A request's own values win.
+    Invalid JSON or values -> ConfigError naming the file."""
+    from moevl.model.checkpoint import ConfigError, read_json
+
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}: fix or delete it, or pass "
+                          "--no-generation-config")
+    out = {k: data[k] for k in ("repetition_penalty", "max_new_tokens") if data.get(k) is not None}
+    if data.get("do_sample"):
+        out.update({k: data[k] for k in ("temperature", "top_p", "top_k") if data.get(k) is not None})
+    else:
+        out["temperature"] = 0.0  # transformers' default do_sample=False: greedy whatever temperature says
+    try:
+        GenerationConfig(**out).validate()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path}: {e}; fix the file or pass --no-generation-config") from None
+    return out
+
+
+def resolve_generation(defaults: dict, given: dict) -> tuple[GenerationConfig, dict]:
+    """(the model's defaults, the request's values; None = not given) -> (GenerationConfig, settings), where
+    settings holds every sampling value used and, under "source", where each came from: "request",
+    "generation_config.json" or "default" (the kit's own)."""
+    fields = {f.name for f in dataclasses.fields(GenerationConfig)}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ValueError(f"unknown generation option(s) {unknown}: the options are {sorted(fields)}")
+    picked = {k: v for k, v in given.items() if v is not None}
+    cfg = GenerationConfig(**{**defaults, **picked})
+    cfg.validate()
+    settings = {k: getattr(cfg, k) for k in SAMPLING_FIELDS + ("seed",)}
+    settings["source"] = {k: "request" if k in picked else GENERATION_CONFIG if k in defaults else "default"
+                          for k in SAMPLING_FIELDS}
+    return cfg, settings
 
 
 class NonFiniteLogitsError(ValueError):
@@ -49,14 +99,28 @@ class GenerationResult:
     decode_tokens: int
     prompt_tokens: list[int]
     finish_reasons: list[str]
+    settings: dict = dataclasses.field(default_factory=dict)  # the sampling values used (see resolve_generation)
 
     @property
     def decode_tokens_per_s(self) -> float:
         return 1000.0 * self.decode_tokens / self.decode_ms if self.decode_ms > 0 else float("nan")
 
 
-def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] (fp32) -> next token ids [B]."""
+def penalise_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: logits [B, V] of tokens already seen (seen [B, V] bool:
+    the request's real prompt tokens and what it generated) are divided by ``penalty`` when positive and
+    multiplied when negative."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] (fp32) -> next token ids [B]. ``seen`` [B, V]: tokens the repetition penalty applies to."""
+    if seen is not None:
+        logits = penalise_repetition(logits, seen.to(logits.device), cfg.repetition_penalty)
     if cfg.temperature == 0:
         return logits.argmax(-1)
     logits = logits / cfg.temperature
@@ -121,10 +185,16 @@ def generate(session, batch, cfg: GenerationConfig, on_text: Callable[[int, str]
         raise NonFiniteLogitsError(
             "the model produced non-finite logits (NaN/inf) for the first token: its weights hold NaN/inf or "
             "overflow in this dtype; check the checkpoint (a re-download or re-save) or run with --dtype fp32")
+    seen = None
+    if cfg.repetition_penalty != 1.0:  # the real (unpadded) prompt tokens of each request, then what it generates
+        vocab = logits.shape[-1]
+        ids = batch.input_ids.cpu().clamp(0, vocab - 1)
+        seen = torch.zeros(b, vocab, dtype=torch.long).scatter_add_(1, ids, batch.attention_mask.cpu().long()) > 0
     decode_start = None
     steps = 0
     for step in range(cfg.max_new_tokens):
-        tok = sample(logits.float().cpu() if gen is not None else logits.float(), cfg, gen).to(dev.torch_device)
+        host = gen is not None or seen is not None
+        tok = sample(logits.float().cpu() if host else logits.float(), cfg, gen, seen).to(dev.torch_device)
         tok = torch.where(finished, torch.full_like(tok, session.pad_token_id), tok)
         is_eos = torch.isin(tok, eos)
         tok_list, eos_list, fin_list = tok.tolist(), is_eos.tolist(), finished.tolist()  # one sync per token
@@ -138,6 +208,8 @@ def generate(session, batch, cfg: GenerationConfig, on_text: Callable[[int, str]
                 reasons[i] = "eos"
                 continue
             out[i].append(tok_list[i])
+            if seen is not None:
+                seen[i, tok_list[i]] = True
             if streamer:
                 d = streamer.delta(i, out[i])
                 if d:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from moevl.model.generate import GenerationConfig, GenerationResult, generate
+from moevl.model.generate import GenerationResult, generate, resolve_generation
 
 
 class CacheState:
@@ -67,6 +67,14 @@ class Session:
     """
 
     family: str
+    # sampling defaults from the model folder's generation_config.json (moevl.load reads it), and that file
+    generation_defaults: dict = {}
+    generation_config_path: Path | None = None
+
+    def generation_config(self, **given):
+        """A request's sampling values (None = not given) over the model's defaults -> (GenerationConfig,
+        settings: every value used and where it came from)."""
+        return resolve_generation(self.generation_defaults, given)
 
     @contextlib.contextmanager
     def serialised(self):
@@ -81,11 +89,16 @@ class Session:
         return self.processor(prompts, images, max_length=self.max_context)
 
     def ask(self, question: str | list[str], images=None, on_text=None, **gen) -> GenerationResult:
-        """One question (images: a list of its images) or a list of questions (images: one list per question)."""
+        """One question (images: a list of its images) or a list of questions (images: one list per question).
+        ``gen``: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed; what is not given (or None)
+        comes from the model's generation_config.json, else the kit's defaults (``result.settings`` says which)."""
         questions, images = request_lists(question, images)
+        cfg, settings = self.generation_config(**gen)
         with self.serialised():
             batch = self.prepare(questions, images)
-            return generate(self, batch, GenerationConfig(**gen), on_text)
+            result = generate(self, batch, cfg, on_text)
+        result.settings = settings
+        return result
 
     def describe(self) -> dict:
         return self.device.describe()

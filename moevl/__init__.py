@@ -19,7 +19,7 @@ BACKENDS = ("torch", "ort", "om")
 
 
 def load(spec, device="auto", backend: str = "torch", dtype=None, strict_npu=None, compile: bool = False,
-         **options):
+         generation_config: bool = True, **options):
     """Load a model -> a session with ``ask(...)`` / ``prepare`` / ``prefill`` / ``decode`` / ``routing_decisions``.
 
     backend "torch" (default): ``spec`` is a preset or a checkpoint folder, run by PyTorch on ``device``
@@ -31,14 +31,22 @@ def load(spec, device="auto", backend: str = "torch", dtype=None, strict_npu=Non
     backend "ort" / "om": ``spec`` is a folder written by ``moevl export onnx`` / ``moevl export om``; options
       ``provider`` (cpu | cuda | cann), ``quantize`` ("int8"), ``threads``, ``max_context`` (ort), and the NPU
       index from ``device`` ("npu:N") for om.
+    Every backend: ``generation_config`` (default True) takes the sampling defaults of the folder's
+    ``generation_config.json`` (for an Awaker release, else its ``base``'s), as transformers and vLLM do; a
+    request's own values win, and ``ask(...).settings`` says which values were used and from where. False: the
+    kit's defaults (greedy).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    # read first: a broken generation_config.json fails before the model is loaded
+    defaults, path = _generation_defaults([spec, options.get("base")], generation_config)
     if backend != "torch":
         from moevl.export.session import load_exported
 
-        return load_exported(spec, backend, device=device, dtype=dtype, strict_npu=strict_npu, compile=compile,
-                             **options)
+        session = load_exported(spec, backend, device=device, dtype=dtype, strict_npu=strict_npu, compile=compile,
+                                **options)
+        session.generation_defaults, session.generation_config_path = defaults, path
+        return session
     from moevl.ascend.device import Device, resolve_device
     from moevl.model.family import load_torch
 
@@ -57,7 +65,23 @@ def load(spec, device="auto", backend: str = "torch", dtype=None, strict_npu=Non
     place(session.model, dev)
     if compile:
         session.compile()
+    session.generation_defaults, session.generation_config_path = defaults, path
     return session
+
+
+def _generation_defaults(folders, enabled: bool):
+    """The sampling defaults of the first ``generation_config.json`` among ``folders`` -> (dict, its path)."""
+    from pathlib import Path
+
+    from moevl.model.generate import GENERATION_CONFIG, read_generation_config
+
+    for folder in folders if enabled else ():
+        if folder is None or not Path(folder).is_dir():
+            continue  # a preset name
+        path = Path(folder) / GENERATION_CONFIG
+        if path.is_file():
+            return read_generation_config(path), path
+    return {}, None
 
 
 def place(model, device):

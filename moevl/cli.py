@@ -31,10 +31,14 @@ def _add_npu_args(p):
 def _add_generation_args(p):
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     p.add_argument("--prompt", default="Describe the image.", help="the question")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    # sampling: what is not given comes from the model folder's generation_config.json, else the kit's default
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (16 for demo)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
+    p.add_argument("--top-p", type=float, default=None, help="default 1 (off)")
+    p.add_argument("--top-k", type=int, default=None, help="default 0 (off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="default 1 (off)")
+    p.add_argument("--no-generation-config", dest="generation_config", action="store_false",
+                   help="ignore the model folder's generation_config.json (its sampling defaults)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-context", type=int, default=None, help="context length limit (default: the model's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -51,7 +55,7 @@ def run_generation(args) -> int:
             options[name] = getattr(args, name)
     vl = moevl.load(args.model, device=args.device, backend=backend, dtype=args.dtype,
                     strict_npu=getattr(args, "strict_npu", None), compile=getattr(args, "compile", False),
-                    **options)
+                    generation_config=args.generation_config, **options)
     return answer_and_report(vl, args, backend=backend)
 
 
@@ -67,8 +71,15 @@ def answer_and_report(vl, args, backend: str = "torch") -> int:
         def stream(i, text):
             sys.stdout.write(text)
             sys.stdout.flush()
-    res = vl.ask(args.prompt, images=args.image, on_text=stream, max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    max_new = args.max_new_tokens
+    if max_new is None and "max_new_tokens" not in vl.generation_defaults:
+        max_new = args.default_max_new_tokens
+    res = vl.ask(args.prompt, images=args.image, on_text=stream, max_new_tokens=max_new,
+                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                 repetition_penalty=args.repetition_penalty, seed=args.seed)
+    settings = res.settings
+    if args.max_new_tokens is None and max_new is not None:
+        settings["source"]["max_new_tokens"] = "default"  # the CLI's own default (32, demo 16)
     desc = vl.describe()
     dtype = vl.dtype_name
     routing = [d.to_dict() for d in vl.routing_decisions()]
@@ -77,7 +88,9 @@ def answer_and_report(vl, args, backend: str = "torch") -> int:
             "text": res.texts[0], "token_ids": res.token_ids[0], "prompt_tokens": res.prompt_tokens[0],
             "finish_reason": res.finish_reasons[0], "ttft_ms": round(res.ttft_ms, 3),
             "decode_tokens_per_s": round(res.decode_tokens_per_s, 3), "device": desc, "dtype": dtype,
-            "model": str(args.model), "family": vl.family, "backend": backend, "routing": routing}))
+            "model": str(args.model), "family": vl.family, "backend": backend, "routing": routing,
+            "generation": settings,
+            "generation_config": str(vl.generation_config_path) if vl.generation_config_path else None}))
         return 0
     if stream is None:
         print(res.texts[0])
@@ -135,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-routing", default=None, choices=["deterministic", "deepspeed"],
                    help="MoE-LLaVA: deterministic top-2 (default) or the original's Gumbel second expert")
     p.add_argument("--vision-tower", default=None, help="MoE-LLaVA: local CLIP/SigLIP folder")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, default_max_new_tokens=32)
 
     p = sub.add_parser("demo", help="run the built-in tiny preset on the bundled image")
     p.add_argument("--family", default=next(iter(families())), choices=list(families()))
@@ -145,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help=argparse.SUPPRESS)
     _add_npu_args(p)
     _add_generation_args(p)
-    p.set_defaults(func=cmd_demo, max_new_tokens=16)
+    p.set_defaults(func=cmd_demo, default_max_new_tokens=16)
 
     add_info_parser(sub)
     add_doctor_parser(sub)
