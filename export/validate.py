@@ -54,8 +54,9 @@ def _errors(name, ort_value, ref, tol, log, report):
 
 
 def _choices(session) -> list[dict]:
-    """The experts each router chose (probabilities left out: their last fp16 bit may differ within the bound)."""
-    return [{k: v for k, v in d.to_dict().items() if k != "p"} for d in session.routing_decisions()]
+    """The experts each router chose (probabilities and shares left out: their last fp16 bit may differ within the
+    bound)."""
+    return [{k: v for k, v in d.to_dict().items() if k not in ("p", "share")} for d in session.routing_decisions()]
 
 
 @torch.inference_mode()

@@ -82,7 +82,8 @@ def answer_and_report(vl, args, backend: str = "torch") -> int:
         settings["source"]["max_new_tokens"] = "default"  # the CLI's own default (32, demo 16)
     desc = vl.describe()
     dtype = vl.dtype_name
-    routing = [d.to_dict() for d in vl.routing_decisions()]
+    decisions = vl.routing_decisions()
+    routing = [d.to_dict() for d in decisions]
     if args.json:
         print(json.dumps({
             "text": res.texts[0], "token_ids": res.token_ids[0], "prompt_tokens": res.prompt_tokens[0],
@@ -100,9 +101,10 @@ def answer_and_report(vl, args, backend: str = "torch") -> int:
           f"{', int8 decoder' if desc.get('quantize') else ''}; prompt {res.prompt_tokens[0]} tokens; "
           f"time to first token {res.ttft_ms:.1f} ms; decode {res.decode_tokens_per_s:.1f} tokens/s; "
           f"finish: {res.finish_reasons[0]}", file=sys.stderr)
-    if routing:
-        summary = ", ".join(f"L{d['layer']}.{d['router']}: e{d['expert'][0]} p={d['p'][0]:.3f}" for d in routing)
-        print(f"routing: {summary}", file=sys.stderr)
+    for steps in dict.fromkeys(d.steps for d in decisions):  # in order: all | first token, decode
+        line = ", ".join(d.summary() for d in decisions if d.steps == steps)
+        what = {"all": "", "first token": " (first token)", "decode": " (decode steps)"}[steps]
+        print(f"{type(decisions[0]).title}{what}: {line}", file=sys.stderr)
     return 0
 
 
@@ -144,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch", choices=["torch", "ort", "om"],
                    help="torch (default), ort (an exported ONNX folder), om (Ascend OM folder)")
     p.add_argument("--provider", default=None, help="ONNX Runtime execution provider: cpu (default) | cuda | cann")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="ort: dynamic int8 decoder")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="torch: weight-only int8 (per channel) / int4 (group 128) base linears; ort: int8 only "
+                        "(dynamic int8 decoder)")
     p.add_argument("--moe-routing", default=None, choices=["deterministic", "deepspeed"],
                    help="MoE-LLaVA: deterministic top-2 (default) or the original's Gumbel second expert")
     p.add_argument("--vision-tower", default=None, help="MoE-LLaVA: local CLIP/SigLIP folder")
@@ -162,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_info_parser(sub)
     add_doctor_parser(sub)
-    for mod, fn in (("moevl.benchmarks.cli", "add_bench_parser"), ("moevl.export.cli", "add_export_parser")):
+    for mod, fn in (("moevl.benchmarks.cli", "add_bench_parser"), ("moevl.export.cli", "add_export_parser"),
+                    ("moevl.train.cli", "add_data_parser"), ("moevl.train.cli", "add_eval_parser"),
+                    ("moevl.quantize", "add_quantize_parser")):
         try:
             module = __import__(mod, fromlist=[fn])
         except ModuleNotFoundError as e:

@@ -51,7 +51,7 @@ class DecoderGraph(TracedDecoder):
 
         def step():
             routing = m.route(router_input) if m.has_adapters else None
-            hidden = m(inputs_embeds, position_ids, None, attention_keep, routing)
+            hidden = m(inputs_embeds, position_ids, None, attention_keep, routing, caches=m.caches)
             yield m.logits(hidden[:, -1])                                   # [B, V] fp32
             if routing is not None:
                 yield torch.stack([torch.stack([r.attn_expert, r.mlp_expert]) for r in routing])  # [L, 2, B]

@@ -59,7 +59,8 @@ class DecoderGraph(TracedDecoder):
         b, t = inputs_embeds.shape[:2]
 
         def step():
-            hidden, chosen = m(inputs_embeds, position_ids, None, attention_keep, "deterministic", None)
+            hidden, chosen = m(inputs_embeds, position_ids, None, attention_keep, "deterministic", None,
+                              caches=m.caches)
             yield m.logits(hidden[:, -1])                                   # [B, V] fp32
             if chosen:
                 k = m.cfg.top_k

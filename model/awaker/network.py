@@ -123,7 +123,8 @@ class DecoderLayer(nn.Module):
         k = at.k_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = at.v_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.ops.apply_rotary(q, k, cos, sin)
-        k_all, v_all = cache.update(cache_pos, k, v)
+        # cache None: the whole sequence at once, nothing kept (training: keep is then [B, 1, T, T])
+        k_all, v_all = cache.update(cache_pos, k, v) if cache is not None else (k, v)
         o = self.ops.attention(q, k_all, v_all, keep, self.head_dim ** -0.5)  # [B, H, T, hd]
         x = x + at.o_proj(o.transpose(1, 2).reshape(b, t, -1), plans.get("o_proj"))
         h = self.post_attention_layernorm(x)
@@ -197,12 +198,17 @@ class AwakerModel(CachedDecoder):
             return [None] * len(self.model.layers)
         return [layer.route(pooled) for layer in self.model.layers]
 
-    def forward(self, inputs_embeds, positions, cache_pos, keep, routing=None):
-        """inputs_embeds [B, T, H]; positions [3, B, T]; cache_pos [T]; keep [B, 1, T, S] -> hidden [B, T, H]."""
+    def forward(self, inputs_embeds, positions, cache_pos, keep, routing=None, caches=None):
+        """inputs_embeds [B, T, H]; positions [3, B, T]; cache_pos [T]; keep [B, 1, T, S] -> hidden [B, T, H].
+        cache_pos None: no KV cache (training's full-sequence forward; keep [B, 1, T, T]). caches: one per layer
+        (default: the model's own; the batching engine, ``moevl.model.engine``, passes rows of its caches)."""
         cos, sin = self.ops.mrope_cos_sin(positions, self.inv_freq, self.cfg.mrope_section, inputs_embeds.dtype)
         x = inputs_embeds
-        routing = routing or [None] * len(self.model.layers)
-        for layer, cache, r in zip(self.model.layers, self.caches, routing):
+        n = len(self.model.layers)
+        routing = routing or [None] * n
+        if caches is None:  # explicit caches win (export passes its ConcatCaches with cache_pos None)
+            caches = self.caches if cache_pos is not None else [None] * n
+        for layer, cache, r in zip(self.model.layers, caches, routing):
             x = layer(x, cos, sin, cache, cache_pos, keep, r.plans if r is not None else None)
         return self.model.norm(x)
 

@@ -129,6 +129,8 @@ class MoeFFN(nn.Module):
         b, t, h = x.shape
         y, info = self.ops.moe_ffn(x.reshape(b * t, h), self.router, self.experts(), top_k=self.top_k,
                                    routing=routing, generator=generator)
+        if self.training:  # the router's probabilities, for training's load-balancing loss
+            self.last_routing = info
         return y.view(b, t, h), info.expert_idx
 
 
@@ -175,7 +177,8 @@ class DecoderLayer(nn.Module):
         q_rot, k_rot = self.ops.apply_rotary(q[..., :r], k[..., :r], cos, sin)  # partial rotary
         q = torch.cat([q_rot, q[..., r:]], dim=-1)
         k = torch.cat([k_rot, k[..., r:]], dim=-1)
-        k_all, v_all = cache.update(cache_pos, k, v)
+        # cache None: the whole sequence at once, nothing kept (training: keep is then [B, 1, T, T])
+        k_all, v_all = cache.update(cache_pos, k, v) if cache is not None else (k, v)
         o = self.ops.attention(q, k_all, v_all, keep, self.head_dim ** -0.5).transpose(1, 2).reshape(b, t, -1)
         return a.dense(o) if self.phi else a.o_proj(o)
 
@@ -262,13 +265,19 @@ class MoeLlavaModel(CachedDecoder):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, inputs_embeds, positions, cache_pos, keep, routing="deterministic", generator=None):
+    def forward(self, inputs_embeds, positions, cache_pos, keep, routing="deterministic", generator=None,
+                caches=None):
         """inputs_embeds [B, T, H]; positions [B, T]; cache_pos [T]; keep [B, 1, T, S]
-        -> (hidden [B, T, H], {moe layer index: expert_idx [B*T, k]})."""
+        -> (hidden [B, T, H], {moe layer index: expert_idx [B*T, k]}).
+        cache_pos None: no KV cache (training's full-sequence forward; keep [B, 1, T, T]). caches: one per layer
+        (default: the model's own; the batching engine, ``moevl.model.engine``, passes rows of its caches)."""
         cos, sin = self.rotary(positions, inputs_embeds.dtype)
         x = inputs_embeds
         chosen = {}
-        for i, (layer, cache) in enumerate(zip(self.model.layers, self.caches)):
+        n = len(self.model.layers)
+        if caches is None:  # explicit caches win (export passes its ConcatCaches with cache_pos None)
+            caches = self.caches if cache_pos is not None else [None] * n
+        for i, (layer, cache) in enumerate(zip(self.model.layers, caches)):
             x, idx = layer(x, cos, sin, cache, cache_pos, keep, routing, generator)
             if idx is not None:
                 chosen[i] = idx

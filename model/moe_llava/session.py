@@ -3,6 +3,7 @@ with ``vision_tower=<folder>``)."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import torch
 
@@ -16,18 +17,24 @@ MOE_ROUTING_MODES = ("deterministic", "deepspeed")
 class MoeRoutingDecision:
     """One MoE layer over the last request batch (prompt tokens + generated tokens).
 
-    counts[b][e]: token-slots request b sent to expert e (top-2: two per token); expert / p: per request the
-    busiest expert and its share of the slots (the fields the CLI's summary line prints).
+    counts[b][e]: token-slots request b sent to expert e (top-2: two per token), prompt and generated tokens alike
+    (routing is per token); busiest / share: per request the expert with the most slots and its share of them.
+    Not a gate probability (that is Awaker's ``p``): a share of 0.5 means that expert took half the slots.
     """
 
     layer: int
     router: str
-    expert: list[int]
-    p: list[float]
+    busiest: list[int]
+    share: list[float]
     counts: list[list[int]]
+    steps: str = "all"
+    title: typing.ClassVar[str] = "routing, busiest expert per MoE layer"  # the CLI's label for the summaries
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    def summary(self, i: int = 0) -> str:
+        return f"L{self.layer}: e{self.busiest[i]} ({100 * self.share[i]:.0f}% of token slots)"
 
 
 def routing_decisions(expert_counts: dict) -> list[MoeRoutingDecision]:
@@ -76,13 +83,21 @@ class MoeLlavaSession(TorchSession):
             count_experts(self.expert_counts[layer], idx, real, self.cfg.num_experts)
         return hidden
 
+    def batch_rows(self, max_batch: int) -> "MoeLlavaRows":
+        return MoeLlavaRows(self, max_batch)
+
+    def _prompt(self, batch: MoeLlavaBatch) -> torch.Tensor:
+        """The prompt's embeddings [B, L, H], image tokens inserted."""
+        m = self.model
+        feats = m.encode_images(batch.pixels) if batch.pixels is not None else None
+        return m.embed(batch.input_ids, feats, batch.image_mask)
+
     # ------------------------------------------------------------------ the two steps generation drives
     def _prefill(self, batch: MoeLlavaBatch, max_len: int) -> torch.Tensor:
         m, dev = self.model, self.device.torch_device
         b = batch.input_ids.shape[0]
         cache = self._setup(batch, max_len)
-        feats = m.encode_images(batch.pixels) if batch.pixels is not None else None
-        embeds = m.embed(batch.input_ids, feats, batch.image_mask)
+        embeds = self._prompt(batch)
         self._generator = None
         if self.moe_routing == "deepspeed":
             self._generator = torch.Generator(device=dev).manual_seed(self.moe_seed)
@@ -103,3 +118,48 @@ class MoeLlavaSession(TorchSession):
     # ------------------------------------------------------------------ user-facing
     def routing_decisions(self) -> list[MoeRoutingDecision]:
         return routing_decisions(self.expert_counts)
+
+
+class MoeLlavaRows:
+    """Per-row state of the batching engine (``moevl.model.engine``): routing is per token, so a row needs no
+    plan, only its expert counts (prompt and generated tokens)."""
+
+    def __init__(self, session: MoeLlavaSession, max_batch: int):
+        if session.moe_routing != "deterministic":
+            raise NotImplementedError(
+                "continuous batching needs moe_routing='deterministic': the deepspeed mode draws its routing noise "
+                "for the whole batch at once, so a request's answer would depend on the requests beside it")
+        self.session, self.model = session, session.model
+        e = session.cfg.num_experts
+        dev = session.device.torch_device
+        self.counts = {i: torch.zeros(max_batch, e, dtype=torch.long, device=dev)
+                       for i in self.model.moe_layer_indices}  # MoE layer -> [max_batch, E]
+
+    def _run(self, embeds, positions, cache_pos, keep, caches, counts, real):
+        hidden, chosen = self.model(embeds, positions, cache_pos, keep, "deterministic", None, caches=caches)
+        for layer, idx in chosen.items():  # idx [B*T, k]
+            count_experts(counts[layer], idx, real, self.session.cfg.num_experts)
+        return self.model.logits(hidden[:, -1])
+
+    def prefill(self, batch, row, cache_pos, keep, caches):
+        for c in self.counts.values():
+            c[row] = 0
+        counts = {layer: c[row:row + 1] for layer, c in self.counts.items()}
+        return self._run(self.session._prompt(batch), batch.positions, cache_pos, keep, caches, counts,
+                         batch.attention_mask.bool())
+
+    def decode(self, tokens, pos, cache_pos, keep, caches, n):
+        counts = {layer: c[:n] for layer, c in self.counts.items()}
+        real = torch.ones(n, 1, dtype=torch.bool, device=tokens.device)
+        return self._run(self.model.embed(tokens[:, None]), pos[:, None], cache_pos, keep, caches, counts, real)
+
+    def move(self, src: int, dst: int) -> None:
+        for c in self.counts.values():
+            c[dst] = c[src]
+
+    def clear(self, row: int) -> None:
+        for c in self.counts.values():
+            c[row] = 0
+
+    def decisions(self, row: int) -> list[MoeRoutingDecision]:
+        return routing_decisions({layer: c[row:row + 1] for layer, c in self.counts.items()})

@@ -1,0 +1,58 @@
+"""Routing reports say what was used, named for what it is."""
+import json
+import subprocess
+import sys
+
+import torch
+
+import moevl
+from moevl.model.awaker.inputs import pooled_prompt
+from moevl.model.tiny import DEMO_IMAGE
+
+
+def test_legacy_routing_reports_the_decode_steps_routing_too():
+    vl = moevl.load("awaker-tiny", device="cpu", routing="legacy")
+    vl.ask("Describe the image.", images=[DEMO_IMAGE], max_new_tokens=3)
+    decisions = vl.routing_decisions()
+    first = [d for d in decisions if d.steps == "first token"]
+    decode = [d for d in decisions if d.steps == "decode"]
+    assert len(first) == len(decode) == 2 * len(vl.model.model.layers) and len(decisions) == 2 * len(first)
+    # independent check of the decode set: route the plain token embeddings (no image features) over the span
+    batch = vl.prepare(["Describe the image."], [[DEMO_IMAGE]])
+    with torch.inference_mode():
+        plain = vl.model.route(pooled_prompt(vl.model.embed(batch.input_ids), batch.span))
+    want = [e for r in plain for e in (int(r.attn_expert[0]), int(r.mlp_expert[0]))]
+    assert [d.expert[0] for d in decode] == want
+    assert [d.expert for d in first] != [d.expert for d in decode], "the demo's two routings differ (precondition)"
+
+
+def test_prefill_routing_is_one_set_for_all_tokens():
+    vl = moevl.load("awaker-tiny", device="cpu")
+    vl.ask("Describe the image.", images=[DEMO_IMAGE], max_new_tokens=2)
+    assert {d.steps for d in vl.routing_decisions()} == {"all"}
+
+
+def test_moe_llava_reports_the_busiest_experts_share_not_a_probability():
+    vl = moevl.load("moellava-tiny", device="cpu")
+    res = vl.ask("Describe the image.", images=[DEMO_IMAGE], max_new_tokens=4)
+    for d in vl.routing_decisions():
+        row = d.to_dict()
+        assert "p" not in row and {"busiest", "share", "counts"} <= set(row)
+        counts = torch.tensor(row["counts"][0])
+        # top-2 routing: two slots per real token (prompt + generated tokens that went through a decode step)
+        assert counts.sum() == 2 * (res.prompt_tokens[0] + len(res.token_ids[0]) - 1)
+        assert row["busiest"][0] == int(counts.argmax())
+        assert abs(row["share"][0] - float(counts.max() / counts.sum())) < 1e-6
+
+
+def test_cli_labels_each_routing_line():
+    out = subprocess.run([sys.executable, "-m", "moevl.cli", "demo", "--routing", "legacy", "--max-new-tokens", "2"],
+                         capture_output=True, text=True)
+    lines = [x for x in out.stderr.splitlines() if x.startswith("routing")]
+    assert [x.split(":")[0] for x in lines] == ["routing (first token)", "routing (decode steps)"]
+    out = subprocess.run([sys.executable, "-m", "moevl.cli", "demo", "--family", "moe-llava", "--max-new-tokens",
+                          "2"], capture_output=True, text=True)
+    assert "routing, busiest expert per MoE layer: L" in out.stderr and "% of token slots" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "moevl.cli", "demo", "--family", "moe-llava", "--json",
+                          "--max-new-tokens", "2"], capture_output=True, text=True)
+    assert "share" in json.loads(out.stdout)["routing"][0]
