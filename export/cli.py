@@ -28,7 +28,8 @@ def cmd_onnx(args) -> int:
 
     export_onnx(args.model, args.out, dtype=args.dtype, opset=args.opset, force=args.force,
                 validate=not args.no_validate, validate_tokens=args.validate_tokens,
-                log=lambda m: print(m, file=sys.stderr), vision_tower=args.vision_tower, base=args.base)
+                log=lambda m: print(m, file=sys.stderr), vision_tower=args.vision_tower, base=args.base,
+                lora_alpha=args.lora_alpha)
     print(args.out)
     return 0
 
@@ -67,6 +68,8 @@ def add_export_parser(subparsers):
     q.add_argument("--validate-tokens", type=int, default=8, help="greedy tokens compared in validation")
     q.add_argument("--vision-tower", default=None, help="MoE-LLaVA folder: the local CLIP/SigLIP tower folder")
     q.add_argument("--base", default=None, help="Awaker release: the Qwen2-VL folder with config.json and tokenizer")
+    q.add_argument("--lora-alpha", type=float, default=None,
+                   help="Awaker release: its LoRA alpha, which the format does not record (default 2 x rank)")
     q.set_defaults(func=cmd_onnx)
 
     q = sub.add_parser("check", help="list the op types of each graph and check them against ATC's ONNX op list")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import secrets
@@ -301,7 +302,7 @@ def output_folder(out: Path, kind: OutputKind, force: bool = False, flag: str = 
 def save(model, processor_folder: Path | None, out: str | Path, overwrite: bool = False,
          extra_files: dict[str, str] | None = None) -> Path:
     """Write our format atomically (``output_folder``); ``overwrite`` replaces only a checkpoint written by
-    ``save``. ``extra_files``: name -> text written beside the weights (e.g. image processor settings)."""
+    ``save``. ``extra_files``: name -> text or bytes written beside the weights (e.g. image processor settings)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -314,8 +315,12 @@ def save(model, processor_folder: Path | None, out: str | Path, overwrite: bool 
             for name in PROCESSOR_FILES:
                 if (Path(processor_folder) / name).is_file():
                     shutil.copy2(Path(processor_folder) / name, tmp / name)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        for name, content in (extra_files or {}).items():  # text, or bytes (may name a sub-folder)
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
     return out
 
 
@@ -328,6 +333,10 @@ def build_on_meta(model_class, cfg):
 
 def assign_weights(model, sd: dict[str, torch.Tensor], dtype: torch.dtype, device, source: str) -> None:
     """Check names and shapes against the model, then assign (cast to dtype, moved to device)."""
+    if any(k.endswith(".weight.qweight") for k in sd):  # written by `moevl quantize`: build its quantised linears
+        from moevl.kernels.quant import prepare_for_state_dict
+
+        prepare_for_state_dict(model, sd, dtype)
     expected = dict(model.state_dict())
     if "lm_head.weight" not in sd and model.cfg.tie_word_embeddings and "model.embed_tokens.weight" in sd:
         sd = dict(sd, **{"lm_head.weight": sd["model.embed_tokens.weight"]})
@@ -345,9 +354,33 @@ def assign_weights(model, sd: dict[str, torch.Tensor], dtype: torch.dtype, devic
                                                  for k in bad]))
         parts.append("check that the config (layers, sizes, experts, rank) belongs to these weights")
         raise CheckpointError("\n  ".join(parts))
+    note_upcast(sd, dtype, source)
     model.load_state_dict({k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
                            for k, v in sd.items()}, assign=True)
     model.init_buffers(device)
+
+
+def note_upcast(sd: dict[str, torch.Tensor], dtype: torch.dtype, source: str) -> None:
+    """Say so (a warning on the ``moevl`` logger, which the CLI prints as one note line) when a checkpoint stored
+    mostly in a 16-bit dtype is loaded in a wider one: its weights then take twice the memory (fp32 is the CPU
+    default; the 22 GB bf16 Awaker release needs ~44 GB in fp32)."""
+    stored: dict[torch.dtype, int] = {}
+    for v in sd.values():
+        if v.is_floating_point():
+            stored[v.dtype] = stored.get(v.dtype, 0) + v.numel()
+    if not stored:
+        return
+    main = max(stored, key=stored.get)
+    if main.itemsize >= dtype.itemsize:
+        return
+    numel = sum(stored.values())
+    from moevl.ascend.device import dtype_name
+
+    logging.getLogger("moevl").warning(
+        "%s stores its weights in %s; loading them in %s takes %.2f GB instead of %.2f GB: pass --dtype %s "
+        "(dtype=%r) to keep them as stored where the device runs it",
+        source, dtype_name(main), dtype_name(dtype), numel * dtype.itemsize / 1e9, numel * main.itemsize / 1e9,
+        dtype_name(main), dtype_name(main))
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ def _add_model_args(p, default_model=None):
     p.add_argument("--model", default=default_model, required=default_model is None,
                    help="a preset (awaker-tiny) or a local checkpoint folder")
     p.add_argument("--base", help="Awaker release only: the Qwen2-VL folder with config.json and tokenizer")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="Awaker release only: its LoRA alpha, which the format does not record (default 2 x rank)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | npu[:N] | npu-emulated[:910B|:310P]")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the device's preferred dtype)")
     p.add_argument("--routing", default=None, choices=["prefill", "legacy"],
@@ -50,7 +52,7 @@ def run_generation(args) -> int:
 
     backend = getattr(args, "backend", "torch")
     options = {"max_context": args.max_context, "log": _eprint if backend == "ort" else None}
-    for name in ("routing", "base", "moe_routing", "vision_tower", "provider", "quantize"):
+    for name in ("routing", "base", "lora_alpha", "moe_routing", "vision_tower", "provider", "quantize"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     vl = moevl.load(args.model, device=args.device, backend=backend, dtype=args.dtype,
@@ -179,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_notes() -> None:
+    """What the kit says while it works (the ``moevl`` logger: a checkpoint upcast, an assumed LoRA alpha) goes to
+    stderr as one ``moevl: note:`` line each."""
+    import logging
+
+    log = logging.getLogger("moevl")
+    if not any(getattr(h, "moevl_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("moevl: note: %(message)s"))
+        handler.moevl_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
     from moevl.ascend.errors import DeviceError
     from moevl.model.checkpoint import CheckpointError
@@ -186,6 +202,7 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _print_notes()
     try:
         return args.func(args)
     except (DeviceError, InputError, CheckpointError, FileExistsError, ValueError, NotImplementedError) as e:

@@ -7,12 +7,12 @@ from moevl.model.awaker import checkpoint, config
 from moevl.model.family import Family
 
 
-def load(spec, device, dtype=None, routing="prefill", base=None, max_context=None):
+def load(spec, device, dtype=None, routing="prefill", base=None, max_context=None, lora_alpha=None):
     """-> AwakerSession for a preset, an Awaker2.5-VL release (+ ``base``: its Qwen2-VL folder), a Hugging Face
     Qwen2-VL folder or our format."""
     from moevl.model.awaker.session import AwakerSession
 
-    model, processor = checkpoint.load_awaker(spec, device, dtype, base=base)
+    model, processor = checkpoint.load_awaker(spec, device, dtype, base=base, lora_alpha=lora_alpha)
     return AwakerSession(model, processor, device, routing=routing, max_context=max_context)
 
 

@@ -9,6 +9,8 @@ Formats, detected from the folder's contents (``detect``):
 """
 from __future__ import annotations
 
+import logging
+import math
 import re
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from moevl.model.checkpoint import (CheckpointError, assign_weights, build_on_me
                                     read_safetensors_folder, read_torch_bin)
 
 RELEASE_WEIGHTS = "pytorch_model.bin"
+# The release ships no adapter config: r = 256 and lora_alpha = 512 for every adapter (notes/awaker.md), i.e. a
+# scaling alpha / r of 2. Another rank is read from the weights; its alpha cannot be, so 2 r is assumed and said.
+RELEASE_RANK, RELEASE_SCALING = 256, 2.0
 MODEL_TYPES = ("qwen2_vl",)
 
 
@@ -53,7 +58,7 @@ _LORA_MOE = re.compile(r"^(.*)\.lora_moe_([AB])\.([0-9]+|g)\.weight$")
 _LORA_PLAIN = re.compile(r"^(.*)\.lora_([AB])\.default\.weight$")
 
 
-def map_awaker_release(sd: dict[str, torch.Tensor], qkv_scaling: float):
+def map_awaker_release(sd: dict[str, torch.Tensor], alpha: float | None = None):
     """The release's PeftModel keys -> (our base state dict, adapter hyper-parameters).
 
     q/k/v plain LoRA is merged into W here (W + s B A, computed and kept in fp32, whatever the checkpoint's dtype). LoRA-MoE experts "0".."3" and "g"
@@ -80,6 +85,8 @@ def map_awaker_release(sd: dict[str, torch.Tensor], qkv_scaling: float):
             raise CheckpointError(f"incomplete plain LoRA for {mod}: has {sorted(ab)}, base weight "
                                   f"{'present' if mod + '.weight' in base else 'missing'}")
         w = base[mod + ".weight"]
+        r = ab["A"].shape[0]
+        qkv_scaling = (alpha if alpha is not None else RELEASE_SCALING * r) / r
         # kept in fp32: assign_weights casts once to the compute dtype (rounding back to the checkpoint's bf16 here
         # first put fp32 logits 0.035-0.040 off at 2 layers of 7B width)
         base[mod + ".weight"] = w.float() + qkv_scaling * (ab["B"].float() @ ab["A"].float())
@@ -108,9 +115,26 @@ def build_model(cfg: AwakerConfig):
     return build_on_meta(AwakerModel, cfg)
 
 
+def _note_adapters(folder: Path, experts: int, rank: int, qkv_rank: int, lora_alpha: float | None) -> None:
+    """Say at load which LoRA rank the release has and which alpha (scaling) is used, since no file states it."""
+    log = logging.getLogger("moevl")
+    ranks = f"rank {rank}" + (f" (q/k/v rank {qkv_rank})" if qkv_rank != rank else "")
+    if lora_alpha is not None:
+        log.info("%s: %d experts + global, LoRA %s, alpha %g as given (--lora-alpha): scaling %g",
+                 folder, experts, ranks, lora_alpha, lora_alpha / rank)
+    elif rank == RELEASE_RANK and qkv_rank == RELEASE_RANK:
+        log.info("%s: %d experts + global, LoRA rank %d, alpha %g (Awaker2.5-VL's release)", folder, experts,
+                 rank, RELEASE_SCALING * rank)
+    else:
+        log.warning("%s: LoRA %s, not the release's %d; the release format does not record alpha, so alpha = "
+                    "%g x rank is assumed (scaling %g): pass --lora-alpha (lora_alpha=) if it was trained with "
+                    "another", folder, ranks, RELEASE_RANK, RELEASE_SCALING, RELEASE_SCALING)
+
+
 def load_awaker(spec: str | Path, device, dtype: torch.dtype | None = None, base: str | Path | None = None,
-                seed: int = 0):
-    """-> (model on device, processor). ``spec`` is a preset name or a local folder."""
+                seed: int = 0, lora_alpha: float | None = None):
+    """-> (model on device, processor). ``spec`` is a preset name or a local folder. ``lora_alpha``: an Awaker
+    release's LoRA alpha (the format does not record it; default 2 x its rank, as the released model)."""
     from moevl.model.awaker.inputs import AwakerProcessor
     from moevl.model.awaker.tiny import TINY_TOKENIZER, init_random_weights
 
@@ -118,6 +142,12 @@ def load_awaker(spec: str | Path, device, dtype: torch.dtype | None = None, base
     if base is not None and (str(spec) in PRESETS or Path(spec).is_dir() and detect(Path(spec)) != "awaker-release"):
         raise ValueError(f"--base applies to an Awaker2.5-VL release (a folder with {RELEASE_WEIGHTS}) only; "
                          f"{spec} is not one: drop --base")
+    if lora_alpha is not None:
+        if not (isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha) and lora_alpha > 0):
+            raise ValueError(f"lora_alpha must be a finite number > 0 (--lora-alpha), not {lora_alpha!r}")
+        if str(spec) in PRESETS or not (Path(spec).is_dir() and detect(Path(spec)) == "awaker-release"):
+            raise ValueError(f"--lora-alpha applies to an Awaker2.5-VL release (a folder with {RELEASE_WEIGHTS}) "
+                             f"only, whose format does not record alpha; {spec} is not one: drop --lora-alpha")
     if str(spec) in PRESETS:
         if str(spec) != "awaker-tiny":
             raise NotImplementedError(f"preset {spec} has random weights and no tokenizer: it exists for the "
@@ -147,12 +177,14 @@ def load_awaker(spec: str | Path, device, dtype: torch.dtype | None = None, base
                 f"the Awaker release ships no config.json: pass the Qwen2-VL-7B-Instruct folder it was built on "
                 f"(--base <folder>, with config.json and tokenizer/processor files); {cfg_folder} has none")
         raw = read_torch_bin(folder / RELEASE_WEIGHTS)
-        defaults = AdapterConfig()
-        sd, experts, rank, plain_rank = map_awaker_release(raw, defaults.qkv_scaling)
+        sd, experts, rank, plain_rank = map_awaker_release(raw, lora_alpha)
         if experts is None:
             raise CheckpointError(f"{folder / RELEASE_WEIGHTS} has no lora_moe_* keys: not an Awaker release")
-        adapters = AdapterConfig(num_experts=experts, rank=rank, alpha=defaults.scaling * rank,
-                                 qkv_rank=plain_rank or rank, qkv_alpha=defaults.qkv_scaling * (plain_rank or rank))
+        qkv_rank = plain_rank or rank
+        alpha, qkv_alpha = ((lora_alpha, lora_alpha) if lora_alpha is not None
+                            else (RELEASE_SCALING * rank, RELEASE_SCALING * qkv_rank))
+        adapters = AdapterConfig(num_experts=experts, rank=rank, alpha=alpha, qkv_rank=qkv_rank, qkv_alpha=qkv_alpha)
+        _note_adapters(folder, experts, rank, qkv_rank, lora_alpha)
         cfg = AwakerConfig.from_hf_qwen2_vl(cfg_folder, adapters)
         proc_folder = cfg_folder
     elif fmt == "hf-qwen2-vl":
