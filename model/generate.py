@@ -53,7 +53,10 @@ def read_generation_config(path: Path) -> dict:
     Invalid JSON or values -> ConfigError naming the file."""
     from moevl.model.checkpoint import ConfigError, read_json
 
-    data = read_json(path)
+    try:
+        data = read_json(path)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; fix or delete it, or pass --no-generation-config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}: fix or delete it, or pass "
                           "--no-generation-config")

@@ -198,6 +198,10 @@ def fill_placeholders(ids: list[int | None], fills: list[list[int]], placeholder
 
 
 # ------------------------------------------------------------------------------------ batches
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "vocab.json", "chat_template.json", "preprocessor_config.json")
+
+
 def load_tokenizer(folder: Path):
     """transformers' tokenizer of a local folder, without the warnings it prints about configs of model types it
     does not know (MoE-LLaVA's config.json) or about defaults that change nothing here."""
@@ -206,6 +210,11 @@ def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from moevl.model.checkpoint import read_json
+
+    for name in TOKENIZER_JSON_FILES:  # transformers' own errors for a broken file do not name it
+        if (Path(folder) / name).is_file():
+            read_json(Path(folder) / name)
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

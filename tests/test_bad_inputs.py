@@ -40,6 +40,13 @@ def inputs(tmp_path_factory):
     bad_json = d / "onnx-bad-json"
     shutil.copytree(onnx_dir, bad_json)
     (bad_json / "contract.json").write_text("{ not json")
+    from tests.awaker_fixtures import tiny_hf_model, write_hf_folder
+
+    hf = write_hf_folder(tiny_hf_model(), d / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "special_tokens_map.json",
+                 "generation_config.json"):
+        broken = shutil.copytree(hf, d / f"hf-bad-{name}")
+        (broken / name).write_text('{"truncated": ')
     return d
 
 
@@ -59,12 +66,13 @@ ROWS = [  # (id, argv with {d} = the inputs folder, a word the one line must con
     ("unknown-device", ["--model", "awaker-tiny", "--device", "tpu"], "tpu"),
     ("npu-without-torch-npu", ["--model", "awaker-tiny", "--device", "npu"], "torch_npu"),
     ("base-on-a-preset", ["--model", "awaker-tiny", "--base", "{d}/empty"], "--base"),
-    ("quantize-with-torch", ["--model", "awaker-tiny", "--quantize", "int8"], "quantize"),
     ("corrupt-onnx", ["--backend", "ort", "--model", "{d}/onnx-corrupt"], "decoder.onnx"),
     ("contract-not-json", ["--backend", "ort", "--model", "{d}/onnx-bad-json"], "contract.json"),
     ("device-with-ort", ["--backend", "ort", "--model", "{d}/onnx", "--device", "npu:0"], "--provider"),
     ("legacy-routing-with-ort", ["--backend", "ort", "--model", "{d}/onnx", "--routing", "legacy"], "legacy"),
-]
+] + [(f"invalid-json-{name}", ["--model", "{d}/hf-bad-" + name], name + " is not valid JSON")
+     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "special_tokens_map.json",
+                  "generation_config.json")]
 
 
 def _tree(folder: Path) -> set:
@@ -113,3 +121,30 @@ def test_bad_export_options(inputs, tmp_path, argv, word):
                                                                                          for a in argv]
     check_one_line(run_cli(argv, tmp_path), word)
     assert list(tmp_path.iterdir()) == []
+
+
+# Every refusal that suggests an alternative: the alternative must work. (refused argv, the argv the message
+# suggests, a word of the suggestion in the message); {d} = the inputs folder.
+ADVICE = [
+    ("ort-device", ["--backend", "ort", "--model", "{d}/onnx", "--device", "npu:0"],
+     ["--backend", "ort", "--model", "{d}/onnx", "--provider", "cpu"], "--provider cpu"),
+    ("prompt-over-context", ["--model", "awaker-tiny", "--max-context", "30"],
+     ["--model", "awaker-tiny", "--max-context", "64"], "raise --max-context"),
+    ("new-tokens-over-context", ["--model", "awaker-tiny", "--max-context", "40", "--max-new-tokens", "30"],
+     ["--model", "awaker-tiny", "--max-context", "40", "--max-new-tokens", "3"], "lower --max-new-tokens"),
+    ("310P-bf16", ["--model", "awaker-tiny", "--device", "npu-emulated:310P", "--dtype", "bf16"],
+     ["--model", "awaker-tiny", "--device", "npu-emulated:310P", "--dtype", "fp16"], "--dtype fp16"),
+    ("310P-fp32-moe-llava", ["--model", "moellava-tiny", "--device", "npu-emulated:310P", "--dtype", "fp32"],
+     ["--model", "moellava-tiny", "--device", "npu-emulated:310P", "--dtype", "fp16"], "--dtype fp16"),
+    ("broken-generation-config", ["--model", "{d}/hf-bad-generation_config.json"],
+     ["--model", "{d}/hf-bad-generation_config.json", "--no-generation-config"], "--no-generation-config"),
+    ("base-on-a-preset", ["--model", "awaker-tiny", "--base", "{d}/empty"], ["--model", "awaker-tiny"],
+     "drop --base"),
+]
+
+
+@pytest.mark.parametrize("row,refused,advised,word", ADVICE, ids=[r[0] for r in ADVICE])
+def test_the_alternative_a_refusal_suggests_works(inputs, tmp_path, row, refused, advised, word):
+    check_one_line(run_cli(["run", "--max-new-tokens", "2"] + [a.format(d=inputs) for a in refused], tmp_path), word)
+    res = run_cli(["run", "--max-new-tokens", "2"] + [a.format(d=inputs) for a in advised], tmp_path)
+    assert res.returncode == 0, res.stderr.decode()
