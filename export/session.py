@@ -85,7 +85,9 @@ class ExportedSession(Session):
         new = torch.ones(b, 1, dtype=torch.bool)
         outs, st["past"] = self.runner.decoder(embeds, self.io.step_positions(st["pos"]), st["kept"], st["past"],
                                                st["valid"], new)
-        self.io.record(self, outs, new, prefill=False)
+        # only tokens of an answer are counted: not a finished request's pad nor the end-of-sequence token
+        stop = torch.tensor(sorted(set(self.eos_token_ids) | {self.pad_token_id}))
+        self.io.record(self, outs, ~torch.isin(tokens.cpu(), stop)[:, None], prefill=False)
         st["valid"] = torch.cat([st["valid"], new], dim=1)
         st["pos"] = st["pos"] + 1
         return torch.from_numpy(np.ascontiguousarray(outs["logits"]))

@@ -56,3 +56,22 @@ def test_cli_labels_each_routing_line():
     out = subprocess.run([sys.executable, "-m", "moevl.cli", "demo", "--family", "moe-llava", "--json",
                           "--max-new-tokens", "2"], capture_output=True, text=True)
     assert "share" in json.loads(out.stdout)["routing"][0]
+
+
+def test_moe_llava_counts_only_the_tokens_of_each_answer_in_a_batch():
+    """A request that finished early is fed pad tokens while the batch goes on: they are not its routing."""
+    vl = moevl.load("moellava-tiny", device="cpu")
+    questions = ["Describe the image.", "How many shapes are there?"]
+    first = vl.ask(questions[0], images=[DEMO_IMAGE], max_new_tokens=6).token_ids[0]
+    other = vl.ask(questions[1], max_new_tokens=6).token_ids[0]
+    k = next(i for i in range(1, 6) if first[i] not in other and first[i] not in first[:i])
+    vl.eos_token_ids = set(vl.eos_token_ids) | {first[k]}  # the first request now ends after k tokens
+    res = vl.ask(questions, images=[[DEMO_IMAGE], []], max_new_tokens=6)
+    assert res.finish_reasons == ["eos", "length"] and len(res.token_ids[0]) == k
+    counts = [torch.tensor(d.counts) for d in vl.routing_decisions()]
+    for c in counts:  # top-2: two slots per prompt token and per answer token fed to a decode step
+        assert int(c[0].sum()) == 2 * (res.prompt_tokens[0] + k)
+        assert int(c[1].sum()) == 2 * (res.prompt_tokens[1] + 5)
+    alone = vl.ask(questions[0], images=[DEMO_IMAGE], max_new_tokens=6)
+    assert alone.token_ids[0] == res.token_ids[0]
+    assert [d.counts[0] for d in vl.routing_decisions()] == [c[0].tolist() for c in counts]

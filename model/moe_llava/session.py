@@ -48,6 +48,13 @@ def routing_decisions(expert_counts: dict) -> list[MoeRoutingDecision]:
     return out
 
 
+def answer_tokens(tokens: torch.Tensor, eos_token_ids, pad_token_id: int) -> torch.Tensor:
+    """tokens [B] fed to a decode step -> [B] bool: the ones that belong to a request's answer. generate feeds a
+    finished request the pad token, and a request's end-of-sequence token ends it; neither is counted."""
+    stop = torch.tensor(sorted(set(eos_token_ids) | {pad_token_id}), device=tokens.device)
+    return ~torch.isin(tokens, stop)
+
+
 def count_experts(counts: torch.Tensor, idx: torch.Tensor, real: torch.Tensor, num_experts: int) -> None:
     """counts [B, E] += the token-slots each request's real tokens (real [B, T] bool) sent to each expert;
     idx [B*T, k] (or [B, T, k]) the experts each token chose."""
@@ -111,7 +118,7 @@ class MoeLlavaSession(TorchSession):
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
         cache_pos, keep, pos = self._cache.step()
-        real = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
+        real = answer_tokens(tokens, self.eos_token_ids, self.pad_token_id)[:, None]
         hidden = self._run(m.embed(tokens[:, None]), pos[:, None], cache_pos, keep, real)
         return m.logits(hidden[:, -1])
 
