@@ -107,12 +107,16 @@ def quantize_decoder(folder: Path, contract: dict, log=print) -> Path:
         if dst.is_file() and tag.is_file() and tag.read_text() == stamp:
             return dst
     proto = onnx.load(str(src), load_external_data=False)
-    exclude = router_nodes(proto.graph)
+    routers = router_nodes(proto.graph)
+    # quantize_dynamic first rewrites a Gemm as MatMul + Add named "<gemm>_MatMul" (ONNXModel.replace_gemm_with_
+    # matmul): exclude that name too, or Awaker's router Gemms are quantised after all
+    gemms = {n.name for n in proto.graph.node if n.op_type == "Gemm"}
+    exclude = routers + [f"{n}_MatMul" for n in routers if n in gemms]
     moe = contract.get("moe")
     if moe and moe.get("layers"):
         # MoE-LLaVA: exactly one router MatMul per MoE layer, or int8 would flip experts unnoticed
-        if len(exclude) != len(moe["layers"]):
-            raise ValueError(f"found {len(exclude)} router MatMuls feeding a TopK in {src.name}, expected one per MoE "
+        if len(routers) != len(moe["layers"]):
+            raise ValueError(f"found {len(routers)} router MatMuls feeding a TopK in {src.name}, expected one per MoE "
                              f"layer ({len(moe['layers'])}): refusing to quantise (int8 routers would flip experts)")
     large = entry.get("external_data") is not None
     del proto
@@ -120,7 +124,7 @@ def quantize_decoder(folder: Path, contract: dict, log=print) -> Path:
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_name(dst.name + ".partial.onnx")
-            log(f"quantising {src.name} to int8 (dynamic, MatMul weights; {len(exclude)} router nodes kept fp32)")
+            log(f"quantising {src.name} to int8 (dynamic, MatMul weights; {len(routers)} router nodes kept fp32)")
             quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                              use_external_data_format=large, extra_options={"MatMulConstBOnly": True})
             tmp.replace(dst)  # its external data file (if any) keeps the name the graph refers to

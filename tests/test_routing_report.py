@@ -75,3 +75,16 @@ def test_moe_llava_counts_only_the_tokens_of_each_answer_in_a_batch():
     alone = vl.ask(questions[0], images=[DEMO_IMAGE], max_new_tokens=6)
     assert alone.token_ids[0] == res.token_ids[0]
     assert [d.counts[0] for d in vl.routing_decisions()] == [c[0].tolist() for c in counts]
+
+
+def test_ort_int8_leaves_awakers_routers_exact(tmp_path):
+    """Dynamic int8 keeps the routers fp32: the router probabilities are the fp32 graph's, bit for bit."""
+    from moevl.export.onnx import export_onnx
+
+    out = export_onnx("awaker-tiny", tmp_path / "onnx", validate=False, log=lambda *a: None)
+    routing = []
+    for quantize in (None, "int8"):
+        vl = moevl.load(out, backend="ort", quantize=quantize)
+        vl.ask("Describe the image.", images=[DEMO_IMAGE], max_new_tokens=2)
+        routing.append([(d.expert, d.p) for d in vl.routing_decisions()])
+    assert routing[0] == routing[1]
