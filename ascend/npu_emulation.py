@@ -50,6 +50,9 @@ _OP_CHIPS = {
     "npu_moe_finalize_routing": ("910B",),  # [wheel-doc]: A2 only
     "npu_format_cast": ("910B", "310P"),
     "get_npu_format": ("910B", "310P"),
+    # [wheel-doc]: A2, A3 and "Atlas 推理系列加速卡产品" (310P: int8 per-tensor/per-channel only, fp16 only)
+    "npu_weight_quant_batchmatmul": ("910B", "310P"),
+    "npu_convert_weight_to_int4pack": ("910B",),  # [wheel-doc]: A2/A3 only
 }
 
 
@@ -474,6 +477,104 @@ class EmulatedTorchNpu:
             if s is not None:
                 out = out + s.float()
         return out.to(rows.dtype)
+
+    # ------------------------------------------------------------------------------------------------ weight quant
+    @_op
+    def npu_convert_weight_to_int4pack(self, weight, inner_k_tiles):
+        # [wheel-doc]: int32 (k, n) or (n, k), values in [-8, 7], last dim a multiple of 8 -> int32 (.., last / 8),
+        # eight 4-bit values per int32, "交叠排放" (interleaved). The real interleaving is the device's private
+        # layout, read only by npu_weight_quant_batchmatmul: the emulation packs value j of each 8 into bits
+        # 4j..4j+3 and its matmul unpacks the same way (consistent, not bit-identical to the NPU).
+        op = "npu_convert_weight_to_int4pack"
+        if weight.dtype != torch.int32 or weight.dim() != 2:
+            raise NpuRuleError(f"torch_npu.{op}: weight must be a 2-D int32 tensor (got {weight.dtype}, "
+                               f"{weight.dim()}-D)")
+        if not weight.is_contiguous():
+            raise NpuRuleError(f"torch_npu.{op}: weight must be contiguous")
+        if weight.shape[-1] % 8:
+            raise NpuRuleError(f"torch_npu.{op}: the last dimension ({weight.shape[-1]}) must be a multiple of 8")
+        if weight.numel() and (int(weight.min()) < -8 or int(weight.max()) > 7):
+            raise NpuRuleError(f"torch_npu.{op}: values must be int4, in [-8, 7]")
+        nib = (weight & 0xF).view(weight.shape[0], -1, 8)
+        packed = torch.zeros(nib.shape[:2], dtype=torch.int64)
+        for j in range(8):
+            packed |= nib[..., j].to(torch.int64) << (4 * j)
+        return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+
+    @staticmethod
+    def _unpack_int4(packed):
+        # inverse of the emulation's npu_convert_weight_to_int4pack, along the last dimension; values in [-8, 7]
+        p = packed.to(torch.int64) & 0xFFFFFFFF
+        nib = torch.stack([(p >> (4 * j)) & 0xF for j in range(8)], dim=-1).reshape(*packed.shape[:-1], -1)
+        return torch.where(nib >= 8, nib - 16, nib)
+
+    @_op
+    def npu_weight_quant_batchmatmul(self, x, weight, antiquant_scale, antiquant_offset, quant_scale, quant_offset,
+                                     bias, antiquant_group_size, inner_precise, weight_dtype):
+        # [wheel-doc]: y = x @ ((weight + antiquant_offset) * antiquant_scale) + bias; x (M, K) fp16/bf16 (310P:
+        # fp16); weight (K, N) int8, or int32 carrying int4 (A2/A3, from npu_convert_weight_to_int4pack), transposed
+        # views allowed; antiquant_scale (1,)/(N,)/(1, N) per tensor/channel or (ceil(K / g), N) per group, the
+        # dtype of x; antiquant_offset of the same shape and dtype; bias fp32 for bf16 x, fp16 for fp16 x; group
+        # size 0 or a multiple of 32 in [32, K - 1] (not on 310P). quant_scale/offset (int8 output) and the int64
+        # scale form are not emulated.
+        op = "npu_weight_quant_batchmatmul"
+        if quant_scale is not None or quant_offset is not None:
+            raise NotImplementedError(f"the emulation of {op} does not implement quant_scale/quant_offset")
+        _dtypes(self.chip, op, x, HALFS)
+        if x.dim() != 2:
+            raise NpuRuleError(f"torch_npu.{op}: x must be 2-D (M, K), got {x.dim()}-D")
+        m, k = x.shape
+        if weight.dtype == torch.int8:
+            w = weight.float()
+        elif weight.dtype == torch.int32 and self.chip != "310P":
+            # int4 packed along the last dim: (K, N / 8), or a transposed view of (N, K / 8)
+            w = self._unpack_int4(weight).float() if weight.shape[0] == k else self._unpack_int4(weight.t()).t()
+            w = w.float()
+        else:
+            raise NpuRuleError(f"torch_npu.{op} on {self.chip}: weight dtype {weight.dtype} is not supported "
+                               f"(int8{', int32 carrying int4' if self.chip != '310P' else ''})")
+        if w.dim() != 2 or w.shape[0] != k:
+            raise NpuRuleError(f"torch_npu.{op}: x (M, K) = {tuple(x.shape)} and weight (K, N) = "
+                               f"{tuple(w.shape)} disagree on K")
+        n = w.shape[1]
+        if not (1 <= k <= 65535 and 1 <= n <= 65535):
+            raise NpuRuleError(f"torch_npu.{op}: K and N must be in [1, 65535] (K={k}, N={n})")
+        if antiquant_scale.dtype != x.dtype:
+            raise NpuRuleError(f"torch_npu.{op}: antiquant_scale dtype {antiquant_scale.dtype} must equal x's "
+                               f"({x.dtype}) (the int64 form is not emulated)")
+        if antiquant_offset is not None and (antiquant_offset.shape != antiquant_scale.shape
+                                             or antiquant_offset.dtype != antiquant_scale.dtype):
+            raise NpuRuleError(f"torch_npu.{op}: antiquant_offset must have antiquant_scale's shape and dtype")
+        g = antiquant_group_size
+        if g:
+            if self.chip == "310P":
+                raise NpuRuleError(f"torch_npu.{op} on 310P: per-group quantisation is not supported "
+                                   "(antiquant_group_size must be 0)")
+            if g % 32 or not 32 <= g <= k - 1:
+                raise NpuRuleError(f"torch_npu.{op}: antiquant_group_size must be a multiple of 32 in [32, K-1] "
+                                   f"(got {g}, K={k})")
+            groups = -(-k // g)
+            if tuple(antiquant_scale.shape) != (groups, n):
+                raise NpuRuleError(f"torch_npu.{op}: per-group antiquant_scale must be (ceil(K/g), N) = "
+                                   f"({groups}, {n}), got {tuple(antiquant_scale.shape)}")
+            expand = (lambda t: t.float().repeat_interleave(g, dim=0)[:k])
+        else:
+            if antiquant_scale.numel() not in (1, n) or antiquant_scale.dim() > 2 or (
+                    antiquant_scale.dim() == 2 and antiquant_scale.shape[0] != 1):
+                raise NpuRuleError(f"torch_npu.{op}: per-tensor/per-channel antiquant_scale must be (1,), (N,) or "
+                                   f"(1, N) with N={n}, got {tuple(antiquant_scale.shape)}")
+            expand = (lambda t: t.float().reshape(1, -1))
+        if bias is not None:
+            want = torch.float32 if x.dtype == torch.bfloat16 else torch.float16
+            if bias.dtype != want:
+                raise NpuRuleError(f"torch_npu.{op}: bias must be {want} for {x.dtype} x, got {bias.dtype}")
+        if antiquant_offset is not None:
+            w = w + expand(antiquant_offset)
+        w = w * expand(antiquant_scale)
+        y = x.float() @ w
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
 
     # ------------------------------------------------------------------------------------------------ formats
     @_op

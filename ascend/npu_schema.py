@@ -39,6 +39,8 @@ KIT_OPS = (
     "npu_moe_finalize_routing",
     "npu_format_cast",
     "get_npu_format",
+    "npu_weight_quant_batchmatmul",
+    "npu_convert_weight_to_int4pack",
 )
 
 _REQUIRED = object()

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = {"kernels": "moevl.benchmarks.kernels", "e2e": "moevl.benchmarks.e2e", "ort": "moevl.benchmarks.ort"}
+BENCHMARKS = {"kernels": "moevl.benchmarks.kernels", "e2e": "moevl.benchmarks.e2e", "ort": "moevl.benchmarks.ort",
+              "lora_kernel": "moevl.benchmarks.lora_kernel", "quality": "moevl.benchmarks.quality",
+              "serve": "moevl.benchmarks.serve"}
 
 
 def run_bench(args) -> int:
@@ -18,7 +20,7 @@ def run_bench(args) -> int:
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="run a benchmark (kernels | e2e | ort); extra args go to it")
+    p = subparsers.add_parser("bench", help="run a benchmark (kernels | e2e | ort | lora_kernel | quality | serve); extra args go to it")
     p.add_argument("name", choices=sorted(BENCHMARKS))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (see --help of each)")
     p.set_defaults(func=run_bench)

@@ -29,11 +29,12 @@ from moevl.model.awaker.session import AwakerSession
 from moevl.model.awaker.tiny import init_random_weights
 
 
-def build_ours(cfg, device):
+def build_ours(cfg, device, place: bool = True):
     model = build_model(cfg).to_empty(device="cpu")
     init_random_weights(model, seed=0)
     model.init_buffers()
-    moevl.place(model, device)  # the device's kernels, as moevl.load gives them
+    if place:  # the device's kernels and weight layouts, as moevl.load gives them
+        moevl.place(model, device)
     return model
 
 
@@ -137,8 +138,12 @@ def main(argv=None) -> int:
     cfg = awaker_7b_width(num_layers=args.layers)
     cfg.adapters = AdapterConfig(num_experts=4, rank=args.rank, alpha=2.0 * args.rank)
     print(f"building 7B-width model ({args.layers} layers, r={args.rank}) ...", flush=True)
-    ours = build_ours(cfg, device)
-    hf = build_baseline(ours)
+    ours = build_ours(cfg, device, place=False)
+    hf = build_baseline(ours)  # shares our plain base tensors
+    moevl.place(ours, device)  # then ours takes the CPU's layouts (oneDNN-packed copies where they measured faster)
+    from moevl.kernels import quant
+
+    layouts = dict(getattr(ours, "dense_layouts", {}))
     session = AwakerSession(ours, NoProcessor(), device)
     batch = make_request(cfg)
     bw = read_bandwidth_gbs()
@@ -180,6 +185,9 @@ def main(argv=None) -> int:
                "original_awaker_reference": {"ttft": 2.16, "decode": 1.17,
                                              "note": "measured by the issue's author on this kind of machine"},
                "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               "cpu_weight_layouts": layouts,
+               "layout_timings": {f"{k[0]}x{k[1]} {str(k[2]).removeprefix('torch.')}": v
+                                  for k, v in quant.LAYOUT_TIMES.items()},
                "raw": rows}
     md = [f"# End-to-end: Awaker (ours, r={args.rank}) vs transformers Qwen2-VL base, {device.describe()['chip']}",
           "", f"Command: `python -m moevl.benchmarks.e2e {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip() + "  ",
@@ -204,7 +212,11 @@ def main(argv=None) -> int:
           f"{', '.join(f'{r:.2f}' for r in ratios['decode_per_round'])}. "
           f"Measured in the same run on a 1 GiB fp32 tensor: read bandwidth (sum) {bw['sum']:.1f} GB/s, fp32 GEMV "
           f"{bw['gemv']:.1f} GB/s. Process peak RSS "
-          f"{payload['process_peak_rss_bytes'] / 2**30:.1f} GiB (both models share the base tensors).", ""]
+          f"{payload['process_peak_rss_bytes'] / 2**30:.1f} GiB (both models share the plain base tensors; "
+          f"oneDNN-packed copies are extra).",
+          f"CPU weight layouts chosen at load (measured per shape): "
+          f"{', '.join(sorted(set(layouts.values()))) or 'none'} "
+          f"({sum(v == 'onednn' for v in layouts.values())} of {len(layouts)} base linears oneDNN-packed).", ""]
     j, m = write_results("e2e", device, payload, "\n".join(md), out=Path(args.out) if args.out else RESULTS)
     print("\n".join(md))
     print(f"wrote {j} and {m}")

@@ -95,6 +95,12 @@ def export_onnx(spec, out, dtype: str = "fp32", opset: int = 17, force: bool = F
     if session is None:
         session = load_for_export(spec, dtype, **load_options)
     model = session.model
+    from moevl.kernels import quant
+
+    if quant.quantized_weights(model):
+        raise ExportError("a model with int8/int4 weights cannot be exported: export the unquantised model, then "
+                          "run it with --backend ort --quantize int8")
+    quant.restore_dense(model)  # CPU weight layouts (oneDNN-packed) back to plain weights for tracing
     if dtype_name(next(model.parameters()).dtype) != dtype:
         raise ExportError(f"the session's model is {next(model.parameters()).dtype}, not {parse_dtype(dtype)}")
     builder = builders_of(model.cfg.family).Builder(model)

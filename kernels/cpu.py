@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from moevl.kernels import moe, reference
+from moevl.kernels import moe, quant, reference
 from moevl.kernels.dispatch import Kernels, _BACKENDS, register_backend
 
 
@@ -104,10 +104,18 @@ def lora_moe_prepare_merged(lora_A, lora_B, expert, scales):
     return _gather_stacked(lora_A, lora_B, expert, scales)._replace(merged=[])
 
 
+def linear(x, weight, bias=None):
+    """x W^T + b for a plain weight tensor or a weight module (quantised or packed: kernels/quant.py), which
+    computes it itself."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    return weight(x, bias)
+
+
 def _apply_views(x, weight, bias, plan: ViewLoraPlan):
     # x [1, T, in]: y = x W^T + b + sum_e ((x A_e^T) s_e) B_e^T, two rank-r GEMM pairs on views
     x2 = x[0]
-    y = F.linear(x2, weight, bias)
+    y = linear(x2, weight, bias)
     for A, Bt, s in zip(plan.lora_A, plan.lora_Bt, plan.scales):
         y = torch.addmm(y, F.linear(x2, A).mul_(s), Bt)
     return y.unsqueeze(0)
@@ -119,9 +127,9 @@ def _apply_stacked(x, weight, bias, plan: StackedLoraPlan):
     if x.shape[0] == 1:
         # Batch 1: plain 2-D GEMMs on views (fewer dispatch layers than bmm, same math).
         x2 = x[0]
-        y = F.linear(x2, weight, bias)
+        y = linear(x2, weight, bias)
         return torch.addmm(y, F.linear(x2, A[0]), Bt[0]).unsqueeze(0)
-    y = F.linear(x, weight, bias)
+    y = linear(x, weight, bias)
     h = torch.bmm(x, A.transpose(1, 2))  # [B, T, R]
     return torch.baddbmm(y, h, Bt)
 
@@ -130,13 +138,14 @@ def merge_lora_plan(weight, plan: StackedLoraPlan) -> torch.Tensor:
     """Private merged weight per request: W + (s B) A -> [B, out, in] (B = requests). Costs 2*out*in*R FLOPs and
     out*in elements of memory per request; computed in fp32 and rounded once to W's dtype."""
     delta = torch.bmm(plan.lora_Bt.transpose(1, 2).float(), plan.lora_A.float())  # [B, out, in]
-    return (delta + weight.float()).to(weight.dtype)
+    dense = weight.float() if isinstance(weight, torch.Tensor) else weight.dequantize(torch.float32)
+    return (delta + dense).to(weight.dtype)
 
 
 def lora_moe_linear(x, weight, bias, plan):
     """x [B, T, in], weight [out, in], bias [out] | None, plan from this module's prepare (or None) -> [B, T, out]."""
     if plan is None:
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
     if isinstance(plan, reference.LoraPlan):  # a plan made by another backend's prepare: convert (once per call)
         plan = lora_moe_prepare(*plan)
     if isinstance(plan, ViewLoraPlan):
@@ -235,6 +244,21 @@ def patch_embed(patches, weight):
 # Backends
 # ---------------------------------------------------------------------------------------------------------------
 
+def prepare_weights_cpu(model) -> None:
+    """Quantised weights run the ATen CPU kernels (bf16 activations); large dense base weights take the layout
+    measured fastest for their shape on this CPU (MKL plain or oneDNN packed; ``MOEVL_CPU_LAYOUT`` = auto | plain
+    | onednn overrides)."""
+    import os
+
+    quant.bind_all(model, quant.bind_cpu)
+    quant.choose_dense_layouts(model, os.environ.get("MOEVL_CPU_LAYOUT", "auto"))
+
+
+def prepare_weights_cuda(model) -> None:
+    """Quantised weights run as dequantise + matmul (not verified on a GPU)."""
+    quant.bind_all(model, quant.bind_dequantize)
+
+
 def _fast(name: str, merged: bool = False) -> Kernels:
     return dataclasses.replace(
         _BACKENDS["reference"],
@@ -246,6 +270,7 @@ def _fast(name: str, merged: bool = False) -> Kernels:
         lora_moe_prepare=lora_moe_prepare_merged if merged else lora_moe_prepare,
         lora_moe_linear=lora_moe_linear,
         moe_ffn=moe.moe_ffn_dropless,
+        prepare_weights=prepare_weights_cuda if name.startswith("cuda") else prepare_weights_cpu,
     )
 
 

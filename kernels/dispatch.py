@@ -29,6 +29,9 @@ class Kernels:
     moe_ffn: Callable | None = None  # token-level top-k MoE (MoE-LLaVA); see kernels.moe
     # (dtype) -> {op: why it cannot run in that dtype, and what to use}: a chip's rules, checked at load time
     unsupported: Callable = lambda dtype: {}
+    # (model) -> None, once when a model is placed: binds quantised weights to this backend's kernels and puts
+    # dense base weights in the backend's layout (kernels/quant.py); the reference keeps everything as it is
+    prepare_weights: Callable = lambda model: None
 
 
 _BACKENDS: dict[str, Kernels] = {}
@@ -68,7 +71,8 @@ def _load_optional_backends() -> None:
     # Backends live in their own modules and register themselves on import.
     import importlib
 
-    for mod in ("moevl.kernels.cpu", "moevl.kernels.export", "moevl.kernels.npu"):
+    # triton_lora after cpu: it extends cpu's "cuda" set (Triton LoRA-MoE where triton runs, else cpu's ops)
+    for mod in ("moevl.kernels.cpu", "moevl.kernels.triton_lora", "moevl.kernels.export", "moevl.kernels.npu"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

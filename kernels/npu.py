@@ -40,7 +40,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from moevl.kernels import cpu, moe
+from moevl.kernels import cpu, moe, quant
 from moevl.kernels.dispatch import Kernels, _BACKENDS, register_backend, register_device_kernels
 
 INT_MAX = 2147483647
@@ -200,6 +200,40 @@ class NpuKernels:
             raise ValueError(f"npu_grouped_matmul on 310P needs the output width N to be a multiple of 16 "
                              f"(got {n}); this MoE cannot run on a 310P")
 
+    # ---------------------------------------------------------------------------------------------- quantised linears
+    def bind_quantized(self, module) -> None:
+        """W8A16 / W4A16 through ``npu_weight_quant_batchmatmul`` (activations fp16/bf16: an fp32 model's are cast
+        to bf16, on 310P to fp16). int8: per channel, the weight passed as the (K, N) transposed view of [N, K]
+        (the documented fast per-channel form). int4 (A2/A3 only): signed values packed by
+        ``npu_convert_weight_to_int4pack``, per-group scale and offset (ceil(K / g), N) with offset = zero / scale,
+        since the op computes (w + offset) * scale. Not verified on hardware: emulated on the CPU."""
+        tnpu = self.tnpu
+        act = module.compute_dtype if module.compute_dtype in HALFS else (
+            torch.float16 if self.chip == "310P" else torch.bfloat16)
+        bias_dtype = torch.float32 if act == torch.bfloat16 else torch.float16
+        if isinstance(module, quant.Int8Weight):
+            weight, scale, offset, group = module.qweight.t(), module.scales.to(act), None, 0
+        elif isinstance(module, quant.Int4Weight):
+            if self.chip == "310P":
+                raise ValueError("int4 weights need per-group weight quantisation, which the 310P does not have "
+                                 "(npu_weight_quant_batchmatmul there is int8 per channel): use --quantize int8")
+            signed = quant.unpack_int4(module.qweight).to(torch.int32) - 8  # [N, K] in [-8, 7]
+            weight = tnpu.npu_convert_weight_to_int4pack(signed.contiguous()).t()  # (K / 8, N) view
+            scale = module.scales.t().to(act)  # (K / g, N)
+            offset = (module.zeros.float() / module.scales.float()).t().to(act)
+            group = module.group_size
+        else:
+            raise TypeError(f"no NPU kernel for {type(module).__name__}")
+
+        def kernel(x2, bias):
+            y = tnpu.npu_weight_quant_batchmatmul(x2.to(act), weight, scale, offset, None, None,
+                                                  None if bias is None else bias.to(bias_dtype), group)
+            return y.to(x2.dtype)
+        module.bind(kernel, f"torch_npu.npu_weight_quant_batchmatmul (W{module.mode[3:]}A16)")
+
+    def prepare_weights(self, model) -> None:
+        quant.bind_all(model, self.bind_quantized)
+
     # ---------------------------------------------------------------------------------------------- record
     def unsupported(self, dtype) -> dict:
         """What this chip cannot run in ``dtype`` (checked when a model is placed, not mid-request)."""
@@ -220,6 +254,7 @@ class NpuKernels:
             lora_moe_linear=cpu.lora_moe_linear,
             moe_ffn=self.moe_ffn,
             unsupported=self.unsupported,
+            prepare_weights=self.prepare_weights,
         )
 
 

@@ -95,7 +95,8 @@ def lora_moe_linear(x, weight, bias, plan):
     The obvious loop over requests (the original's semantics); the expert branch is accumulated in fp32 and
     added to the base output, as the original does.
     """
-    y = F.linear(x, weight, bias)
+    # a weight module (quantised/packed, kernels/quant.py) computes its own x W^T + b
+    y = F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else weight(x, bias)
     if plan is None:
         return y
     A, B, expert, scales = plan

@@ -22,6 +22,23 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, cache_pos, v)
         return self.k, self.v
 
+    def rows(self, start: int, stop: int) -> "KVCacheRows":
+        """Rows [start, stop) of this cache as a cache of their own (views: writes land in this cache)."""
+        return KVCacheRows(self.k[start:stop], self.v[start:stop])
+
+
+class KVCacheRows:
+    """A contiguous block of a KVCache's rows (views), for running part of a batch: one request's prefill into
+    its row, or a decode step over the rows in use (``moevl.model.engine``)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, cache_pos, k)
+        self.v.index_copy_(2, cache_pos, v)
+        return self.k, self.v
+
 
 class KVCacheMemoryError(MemoryError, ValueError):
     """The static KV cache does not fit (a ValueError too, so the CLI reports it as a bad option, exit 2)."""
@@ -54,8 +71,14 @@ class CachedDecoder(nn.Module):
         if limit is not None:
             length = max(min(length, limit), max_len)
         self.caches = None  # the old caches go first: both may not fit
+        self.caches = self.new_caches(batch, length)
+        return length
+
+    def new_caches(self, batch: int, length: int) -> nn.ModuleList:
+        """One zeroed KVCache per layer, [batch, kv_heads, length, head_dim], or a KVCacheMemoryError."""
+        p = self.lm_head.weight
         try:
-            self.caches = nn.ModuleList(
+            return nn.ModuleList(
                 KVCache(batch, self.cfg.num_kv_heads, length, self.cfg.head_dim, p.dtype, p.device)
                 for _ in self.model.layers)
         except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -65,9 +88,8 @@ class CachedDecoder(nn.Module):
             gib = size * p.element_size() / 2**30
             raise KVCacheMemoryError(
                 f"the KV cache for {batch} request(s) x {length} tokens needs {gib:.2f} GiB on {p.device}, which is "
-                "not free: lower --max-new-tokens or --max-context, send fewer requests at once, or use a smaller "
-                "dtype") from None
-        return length
+                "not free: lower --max-new-tokens, --max-context or --max-batch, send fewer requests at once, or "
+                "use a smaller dtype") from None
 
     def logits(self, hidden):
         return self.lm_head(hidden).float()

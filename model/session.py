@@ -138,6 +138,13 @@ class TorchSession(Session):
 
         self.model.forward = forward
 
+    def batch_engine(self, max_batch: int, max_len: int | None = None):
+        """A continuous-batching engine over this model (``moevl.model.engine``), with its own KV caches for
+        ``max_batch`` requests of up to ``max_len`` tokens (default: the session's context)."""
+        from moevl.model.engine import BatchEngine
+
+        return BatchEngine(self, max_batch, max_len)
+
     def _setup(self, batch, max_len: int) -> CacheState:
         """Caches for this batch (reused when long enough) and the bookkeeping over them."""
         length = self.model.setup_caches(batch.input_ids.shape[0], max_len, limit=self.max_context)

@@ -6,6 +6,27 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO_IMAGE = ASSETS / "demo.png"
+# The trained built-in defaults (``python -m moevl.train.defaults --install``): one checkpoint folder per preset in
+# the kit's format. The tokenizer folders above stay for the random-weights test models of the same families.
+TRAINED = ASSETS / "defaults"
+
+
+DEMO_QUESTIONS = ASSETS / "demo.json"  # questions about DEMO_IMAGE, with the answers the data set gives
+
+
+def demo_questions() -> list[dict]:
+    """[{"task", "lang", "question", "answer"}, ...] about DEMO_IMAGE (written with it by the defaults build)."""
+    import json
+
+    if not DEMO_QUESTIONS.is_file():
+        return [{"task": "caption", "lang": "en", "question": "Describe the image.", "answer": None}]
+    return json.loads(DEMO_QUESTIONS.read_text(encoding="utf-8"))["questions"]
+
+
+def trained_default(preset: str) -> Path | None:
+    """The trained checkpoint folder of a tiny preset, or None when the build has not installed one."""
+    folder = TRAINED / preset
+    return folder if (folder / "moevl_config.json").is_file() else None
 
 # ids 0..6 of the tiny tokenizers; Qwen2-VL's special tokens, which Awaker's tiny config expects
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -18,16 +39,17 @@ The circle is blue. The triangle is in the lower right corner. A cat sits on a m
 Answer the question briefly. Yes. No. I think it is a drawing of simple geometric shapes."""
 
 
-def train_tiny_bpe():
-    """A 512-token byte-level BPE trained on a small corpus; deterministic. -> tokenizers.Tokenizer"""
+def train_tiny_bpe(corpus: list[str] | None = None, vocab_size: int = 512):
+    """A byte-level BPE (ids 0..6: SPECIAL_TOKENS) trained on ``corpus`` (lines; default: a small English corpus);
+    deterministic. -> tokenizers.Tokenizer"""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
+    tok.train_from_iterator(corpus if corpus is not None else _CORPUS.splitlines() * 4, trainer)
     return tok
 
 

@@ -27,7 +27,9 @@ def load(spec, device="auto", backend: str = "torch", dtype=None, strict_npu=Non
       NPU only: ``strict_npu`` makes an op falling back to the CPU an error (None = on for npu-emulated, off for
       npu); ``compile`` runs the decode step in the device's graph mode (TorchAir; not verified on hardware).
       Family options: Awaker ``routing``, ``base``; MoE-LLaVA ``moe_routing``, ``moe_seed``, ``vision_tower``;
-      both ``max_context``.
+      both ``max_context``. ``quantize`` "int8" | "int4": weight-only quantisation of the base linears and
+      lm_head (int8 per channel, int4 per group of 128; moevl.kernels.quant); a folder written by
+      ``moevl quantize`` is already quantised and loads without the fp32 weights.
     backend "ort" / "om": ``spec`` is a folder written by ``moevl export onnx`` / ``moevl export om``; options
       ``provider`` (cpu | cuda | cann), ``quantize`` ("int8"), ``threads``, ``max_context`` (ort), and the NPU
       index from ``device`` ("npu:N") for om.
@@ -43,12 +45,21 @@ def load(spec, device="auto", backend: str = "torch", dtype=None, strict_npu=Non
     if backend != "torch":
         from moevl.export.session import load_exported
 
+        if backend == "ort" and options.get("quantize") not in (None, "int8"):
+            raise ValueError(f"--quantize {options['quantize']} is not available with --backend ort (ONNX Runtime "
+                             "quantises the decoder to int8 only): use --quantize int8, or int4 with --backend torch")
+
         session = load_exported(spec, backend, device=device, dtype=dtype, strict_npu=strict_npu, compile=compile,
                                 **options)
         session.generation_defaults, session.generation_config_path = defaults, path
         return session
     from moevl.ascend.device import Device, resolve_device
+    from moevl.kernels import quant
     from moevl.model.family import load_torch
+
+    quantize = options.pop("quantize", None)
+    if quantize is not None:
+        quant.check_mode(quantize)  # before the slow part
 
     if isinstance(device, Device):
         dev = device
@@ -62,6 +73,8 @@ def load(spec, device="auto", backend: str = "torch", dtype=None, strict_npu=Non
         model_dtype = dev.dtype
     dev.set_strict(dev.emulated if strict_npu is None else strict_npu)
     session = load_torch(spec, dev, model_dtype, **options)
+    if quantize is not None:
+        quant.quantize_loaded(session.model, quantize)
     place(session.model, dev)
     if compile:
         session.compile()
@@ -86,7 +99,7 @@ def _generation_defaults(folders, enabled: bool):
 
 def place(model, device):
     """What makes a model on ``device`` run the device's code path: its kernel set (for NPUs, the chip's) and the
-    weight layout its kernels want (310P: FRACTAL_NZ). ``load`` does this; code that builds a model by hand (the
+    weight layout its kernels want (310P: FRACTAL_NZ; quantised weights bound to the backend's kernels). ``load`` does this; code that builds a model by hand (the
     benchmarks' random 7B-width models) calls it too. -> model"""
     from moevl.ascend.device import dtype_name
     from moevl.kernels import get_kernels
@@ -98,6 +111,7 @@ def place(model, device):
         raise ValueError(f"{model.cfg.family} in {dtype_name(dtype)} cannot run on {device.chip}: {'; '.join(bad)}")
     model.set_kernels(kernels)
     device.prepare_model(model)
+    kernels.prepare_weights(model)  # the backend's weight layout / quantised kernels, once
     return model
 
 

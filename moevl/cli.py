@@ -99,8 +99,14 @@ def answer_and_report(vl, args, backend: str = "torch") -> int:
         print(res.texts[0])
     else:
         print()
+    weights = ""
+    if getattr(vl, "model", None) is not None:  # torch: weight-only quantised base linears (moevl.kernels.quant)
+        from moevl.kernels.quant import describe as describe_quantization
+
+        q = describe_quantization(vl.model)
+        weights = f", {q['mode']} weights ({', '.join(q['kernels'])})" if q else ""
     print(f"--\nbackend {backend} ({desc['device']}, {desc['chip']}), dtype {dtype}"
-          f"{', int8 decoder' if desc.get('quantize') else ''}; prompt {res.prompt_tokens[0]} tokens; "
+          f"{', int8 decoder' if desc.get('quantize') else ''}{weights}; prompt {res.prompt_tokens[0]} tokens; "
           f"time to first token {res.ttft_ms:.1f} ms; decode {res.decode_tokens_per_s:.1f} tokens/s; "
           f"finish: {res.finish_reasons[0]}", file=sys.stderr)
     for steps in dict.fromkeys(d.steps for d in decisions):  # in order: all | first token, decode
@@ -123,16 +129,46 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from moevl.model.tiny import DEMO_IMAGE
-
     from moevl.model import family
+    from moevl.model.tiny import DEMO_IMAGE, demo_questions, trained_default
 
     args.model = family.get(args.family).demo
     args.image = args.image or [str(DEMO_IMAGE)]
+    if trained_default(args.model) is None:
+        if not args.json:
+            print(f"moevl demo: {args.model} has RANDOM weights (the full {args.family} structure at toy size): the "
+                  "answer is noise. Point `moevl run --model <folder>` at a real checkpoint.", file=sys.stderr)
+        args.prompt = args.prompt or "Describe the image."
+        return run_generation(args)
     if not args.json:
-        print(f"moevl demo: {args.model} has RANDOM weights (the full {args.family} structure at toy size): the "
-              "answer is noise. Point `moevl run --model <folder>` at a real checkpoint.", file=sys.stderr)
-    return run_generation(args)
+        print(f"moevl demo: {args.model} is a TOY model trained on synthetic shapes (python -m moevl.train.defaults): "
+              "it answers count / color / shape / position / caption questions about such images, in English and "
+              "Chinese, and knows nothing else.", file=sys.stderr)
+    if args.json or args.prompt is not None:  # one question: as `moevl run`
+        args.prompt = args.prompt or "Describe the image."
+        return run_generation(args)
+    return demo_questions_and_routing(args, demo_questions() if args.image == [str(DEMO_IMAGE)] else
+                                      [{"question": "Describe the image.", "answer": None}])
+
+
+def demo_questions_and_routing(args, questions: list[dict]) -> int:
+    """The demo's questions about the image, one at a time: the answer, the data set's answer, and the routing."""
+    import moevl
+
+    vl = moevl.load(args.model, device=args.device, dtype=args.dtype, routing=args.routing,
+                    strict_npu=getattr(args, "strict_npu", None), compile=getattr(args, "compile", False))
+    print(f"image: {args.image[0]}")
+    for q in questions:
+        res = vl.ask(q["question"], images=args.image, max_new_tokens=args.max_new_tokens or 40,
+                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        expected = f"   (data set: {q['answer']})" if q.get("answer") is not None else ""
+        print(f"Q: {q['question']}\nA: {res.texts[0]}{expected}")
+        decisions = vl.routing_decisions()
+        if decisions:
+            print(f"   {type(decisions[0]).title}: " + ", ".join(d.summary() for d in decisions))
+    desc = vl.describe()
+    print(f"--\nbackend torch ({desc['device']}, {desc['chip']}), dtype {vl.dtype_name}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,13 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help=argparse.SUPPRESS)
     _add_npu_args(p)
     _add_generation_args(p)
-    p.set_defaults(func=cmd_demo, default_max_new_tokens=16)
+    p.set_defaults(func=cmd_demo, default_max_new_tokens=16, prompt=None)
 
     add_info_parser(sub)
     add_doctor_parser(sub)
     for mod, fn in (("moevl.benchmarks.cli", "add_bench_parser"), ("moevl.export.cli", "add_export_parser"),
                     ("moevl.train.cli", "add_data_parser"), ("moevl.train.cli", "add_eval_parser"),
-                    ("moevl.quantize", "add_quantize_parser")):
+                    ("moevl.train.cli", "add_train_parser"),
+                    ("moevl.quantize", "add_quantize_parser"), ("moevl.serve.cli", "add_serve_parser")):
         try:
             module = __import__(mod, fromlist=[fn])
         except ModuleNotFoundError as e:

@@ -10,15 +10,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # package folder -> installed name, lowest layer first
 LAYERS = {"ascend": "moevl.ascend", "kernels": "moevl.kernels", "model": "moevl.model", "export": "moevl.export",
-          "benchmarks": "moevl.benchmarks", "moevl": "moevl"}
+          "benchmarks": "moevl.benchmarks", "train": "moevl.train", "serve": "moevl.serve",
+          "moevl": "moevl"}
 # what each layer must never import (upward imports)
 FORBIDDEN = {
-    "moevl.ascend": ("moevl.kernels", "moevl.model", "moevl.export", "moevl.benchmarks", "moevl.cli"),
-    "moevl.kernels": ("moevl.model", "moevl.export", "moevl.benchmarks", "moevl.cli"),
-    "moevl.model": ("moevl.export", "moevl.benchmarks", "moevl.cli"),
-    "moevl.export": ("moevl.benchmarks", "moevl.cli"),
+    "moevl.ascend": ("moevl.kernels", "moevl.model", "moevl.export", "moevl.benchmarks", "moevl.train", "moevl.serve",
+                     "moevl.cli"),
+    "moevl.kernels": ("moevl.model", "moevl.export", "moevl.benchmarks", "moevl.train", "moevl.serve", "moevl.cli"),
+    "moevl.model": ("moevl.export", "moevl.benchmarks", "moevl.train", "moevl.serve", "moevl.cli"),
+    "moevl.export": ("moevl.benchmarks", "moevl.train", "moevl.serve", "moevl.cli"),
+    "moevl.train": ("moevl.benchmarks", "moevl.serve", "moevl.cli"),
+    "moevl.serve": ("moevl.benchmarks", "moevl.train", "moevl.cli"),
 }
-GENERIC = ("ascend", "model", "kernels", "export", "benchmarks")
+GENERIC = ("ascend", "model", "kernels", "export", "benchmarks", "train", "serve")
 
 
 def modules():

@@ -137,6 +137,7 @@ def load_awaker(spec: str | Path, device, dtype: torch.dtype | None = None, base
     release's LoRA alpha (the format does not record it; default 2 x its rank, as the released model)."""
     from moevl.model.awaker.inputs import AwakerProcessor
     from moevl.model.awaker.tiny import TINY_TOKENIZER, init_random_weights
+    from moevl.model.tiny import trained_default
 
     dtype = dtype or device.dtype
     if base is not None and (str(spec) in PRESETS or Path(spec).is_dir() and detect(Path(spec)) != "awaker-release"):
@@ -148,7 +149,9 @@ def load_awaker(spec: str | Path, device, dtype: torch.dtype | None = None, base
         if str(spec) in PRESETS or not (Path(spec).is_dir() and detect(Path(spec)) == "awaker-release"):
             raise ValueError(f"--lora-alpha applies to an Awaker2.5-VL release (a folder with {RELEASE_WEIGHTS}) "
                              f"only, whose format does not record alpha; {spec} is not one: drop --lora-alpha")
-    if str(spec) in PRESETS:
+    if str(spec) == "awaker-tiny" and trained_default("awaker-tiny") is not None:
+        spec = trained_default("awaker-tiny")  # the trained default (toy model of synthetic shapes), our format
+    elif str(spec) in PRESETS:
         if str(spec) != "awaker-tiny":
             raise NotImplementedError(f"preset {spec} has random weights and no tokenizer: it exists for the "
                                       "benchmarks (moevl.model.awaker.config.PRESETS); run a checkpoint folder instead")

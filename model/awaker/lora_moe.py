@@ -83,9 +83,15 @@ class LayerRouting:
 def route_layer(attn, mlp, scaling: float, e: torch.Tensor) -> LayerRouting:
     """Instance-level routing of one decoder layer from the pooled prompt embedding e [B, hidden]: o_proj's router
     decides for o_proj, gate_proj's for gate/up/down."""
+    ea, pa, _ = attn.o_proj.router(e)
+    em, pm, _ = mlp.gate_proj.router(e)
+    return plan_layer(attn, mlp, scaling, ea, pa, em, pm)
+
+
+def plan_layer(attn, mlp, scaling: float, ea, pa, em, pm) -> LayerRouting:
+    """The prepared plans for routing decisions already made: experts ea / em [B] long and router probabilities
+    pa / pm [B] of o_proj's and gate_proj's routers (also re-plans a batch assembled from single requests)."""
     o, g = attn.o_proj, mlp.gate_proj
-    ea, pa, _ = o.router(e)
-    em, pm, _ = g.router(e)
 
     def scales(p):  # [p^2 s, (1 - p) s] with 1 - p rounded once to fp16, as the original's (1 - p.half())
         return torch.stack([p ** 2 * scaling, o.ops.round_to_fp16(1 - p) * scaling], dim=-1)

@@ -20,7 +20,7 @@ from moevl.model import checkpoint
 from moevl.model.checkpoint import (OUR_CONFIG, CheckpointError, assign_weights, build_on_meta, listing, model_type,
                                     read_json, read_our_format, read_weights, save)
 from moevl.model.moe_llava.config import KNOWN_TOWERS, PRESETS, MoeLlavaConfig, VisionTowerConfig
-from moevl.model.tiny import ASSETS, train_tiny_bpe
+from moevl.model.tiny import ASSETS, train_tiny_bpe, trained_default
 
 TINY_ASSETS = ASSETS / "moellava-tiny"
 
@@ -177,7 +177,11 @@ def load_moe_llava(spec: str | Path, device, dtype: torch.dtype | None = None, v
     from moevl.model.moe_llava.inputs import MoeLlavaProcessor
 
     dtype = dtype or device.dtype
-    if str(spec) in PRESETS:
+    if str(spec) == "moellava-tiny" and trained_default("moellava-tiny") is not None:
+        if vision_tower is not None:
+            raise ValueError("--vision-tower does not apply to a preset")
+        spec = trained_default("moellava-tiny")  # the trained default (toy model of synthetic shapes), our format
+    elif str(spec) in PRESETS:
         if str(spec) != "moellava-tiny":
             raise NotImplementedError(f"preset {spec} has random weights and no tokenizer; use it for benchmarks")
         if vision_tower is not None:
@@ -215,7 +219,8 @@ def load_moe_llava(spec: str | Path, device, dtype: torch.dtype | None = None, v
     return model.eval(), proc
 
 
-def save_moe_llava(model, processor, out: str | Path, overwrite: bool = False) -> Path:
+def save_moe_llava(model, processor, out: str | Path, overwrite: bool = False,
+                   extra_files: dict | None = None) -> Path:
     """Our format (moevl.model.checkpoint.save) plus the image processor settings (they may come from the tower
     folder, so the checkpoint folder may not have them)."""
     conf = processor.image_processor.to_dict()
@@ -223,7 +228,7 @@ def save_moe_llava(model, processor, out: str | Path, overwrite: bool = False) -
                                                      "rescale_factor", "do_normalize", "image_mean", "image_std",
                                                      "resample", "do_convert_rgb")}
     return save(model, processor.folder, out, overwrite=overwrite,
-                extra_files={"preprocessor_config.json": json.dumps(conf, indent=2, default=int)})
+                extra_files={"preprocessor_config.json": json.dumps(conf, indent=2, default=int), **(extra_files or {})})
 
 
 # ------------------------------------------------------------------------------------------- tiny assets

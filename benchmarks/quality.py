@@ -1,0 +1,223 @@
+"""Quality on every backend: ``python -m moevl.benchmarks.quality [--limit N] [--models awaker-tiny,moellava-tiny]``
+(also ``moevl bench quality``).
+
+For each model, ``moevl.train.evaluate`` on the shapes validation split (``make_shapes(VALIDATION_N,
+VALIDATION_SEED)``: 1,000 questions per task and language; ``--limit N`` takes its first N records, which are
+balanced per block of ten) in every deployment variant this machine can run:
+torch fp32 (the reference), torch bf16, npu-emulated:910B bf16, npu-emulated:310P fp16 (the NPU kernel sets run on
+the CPU: emulated, not measured on an NPU), ONNX Runtime fp32 and int8 (dynamic int8 decoder) from
+``moevl export onnx``, and for MoE-LLaVA the original's Gumbel routing (``moe_routing="deepspeed"``). Variants that
+cannot run here (OM needs ATC and an Ascend NPU) are listed with the reason. Per variant: accuracy per task and
+language, the difference from torch fp32 in points, how many answers are the same text as torch fp32's, and the
+routing's task/expert NMI. Writes <out>/quality-cpu.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = ("awaker-tiny", "moellava-tiny")
+REFERENCE = "torch fp32"
+# name -> (how moevl.load is called: backend, device, dtype, options), or the export it needs
+VARIANTS = {
+    "torch fp32": ("torch", "cpu", "fp32", {}),
+    "torch bf16": ("torch", "cpu", "bf16", {}),
+    "torch bf16 int8": ("torch", "cpu", "bf16", {"quantize": "int8"}),  # weight-only (kernels/quant.py)
+    "torch bf16 int4": ("torch", "cpu", "bf16", {"quantize": "int4"}),
+    "npu-emulated:910B bf16": ("torch", "npu-emulated:910B", "bf16", {}),
+    "npu-emulated:310P fp16": ("torch", "npu-emulated:310P", "fp16", {}),
+    "ort fp32": ("ort", "cpu", None, {}),
+    "ort int8": ("ort", "cpu", None, {"quantize": "int8"}),
+    "torch fp32 gumbel": ("torch", "cpu", "fp32", {"moe_routing": "deepspeed"}),
+}
+NOT_HERE = {
+    "om (Ascend OM)": "needs ATC (CANN toolkit) to build and an Ascend NPU with ais_bench to run; neither is on "
+                      "this machine (the OM loop is tested over ONNX Runtime in tests/test_export.py)",
+    "npu (hardware)": "no Ascend NPU on this machine: the npu-emulated rows run the NPU kernel sets on the CPU",
+}
+INT8 = ("ort int8 is ONNX Runtime's dynamic quantisation of the decoder graph's MatMuls with constant weights "
+        "(lm_head included) to int8 with per-tensor scales, activations quantised per call; the router MatMuls "
+        "stay fp32, the vision and embedding graphs are untouched. Its logits move far more than the float "
+        "variants' do, so near-tied greedy choices flip: its difference from fp32 is reported as measured and "
+        "not held to the 1-point target.")
+LABELS = [(t, l) for t in ("count", "color", "shape", "position", "caption") for l in ("en", "zh")]
+
+
+def _family(model: str):
+    from moevl.model.family import family_of
+
+    return family_of(model)
+
+
+def applies(variant: str, family) -> bool:
+    """A variant applies to a family that takes its load options (the Gumbel mode: MoE-LLaVA's moe_routing)."""
+    return all(k in family.options for k in VARIANTS[variant][3] if k != "quantize")
+
+
+def _load(model: str, variant: str, onnx_dir: Path | None):
+    import moevl
+
+    backend, device, dtype, options = VARIANTS[variant]
+    if backend == "ort":
+        return moevl.load(onnx_dir, backend="ort", **options)
+    return moevl.load(model, device=device, dtype=dtype, **options)
+
+
+def _summary(report: dict) -> dict:
+    acc = {f"{t}/{l}": report["accuracy"].get(t, {}).get(l, {}).get("accuracy") for t, l in LABELS}
+    acc |= {f"{t}/all": row["all"]["accuracy"] for t, row in report["accuracy"].items()}
+    return {"accuracy": acc, "overall": report["overall"]["accuracy"], "caption": report.get("caption", {}),
+            "routing_mean_nmi": report["routing"]["mean_nmi"], "routing_unit": report["routing"]["unit"],
+            "seconds": report["seconds"], "n": report["n"], "max_new_tokens": report["max_new_tokens"]}
+
+
+def run_model(model: str, records, variants, work: Path, batch_size: int, max_new_tokens, log) -> dict:
+    from moevl.train.evaluate import evaluate
+
+    family = _family(model)
+    results, not_run, answers = {}, {}, {}
+    onnx_dir = None
+    for variant in variants:
+        if not applies(variant, family):
+            continue
+        try:
+            if VARIANTS[variant][0] == "ort" and onnx_dir is None:
+                from moevl.export.onnx import export_onnx
+
+                onnx_dir = export_onnx(model, work / f"{model}-onnx", dtype="fp32", log=lambda m: None)
+            log(f"{model}: {variant}")
+            session = _load(model, variant, onnx_dir)
+            report = evaluate(session, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        except Exception as e:  # a variant that fails is reported, not hidden, and the others still run
+            not_run[variant] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log(f"{model}: {variant} {not_run[variant]}")
+            continue
+        results[variant] = _summary(report)
+        answers[variant] = [p["prediction"] for p in report["predictions"]]
+    ref = answers.get(REFERENCE)
+    for variant, r in results.items():
+        if ref is not None:
+            r["same_answer_as_fp32"] = round(sum(a == b for a, b in zip(answers[variant], ref)) / len(ref), 6)
+            r["delta_points"] = {k: None if v is None or results[REFERENCE]["accuracy"][k] is None else
+                                 round(100 * (v - results[REFERENCE]["accuracy"][k]), 2)
+                                 for k, v in r["accuracy"].items()}
+    return {"family": family.name, "variants": results, "not_run": not_run | NOT_HERE}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def render(payload: dict) -> str:
+    env = payload["environment"]
+    lines = ["# Quality on every backend (CPU)", "",
+             f"Command: `{payload['command']}`", "",
+             f"CPU: {env['device'].get('chip')}; torch {env['torch']}, {env['threads']} threads; data: the shapes "
+             f"validation split (seed {payload['data_seed']}), first {payload['n']} records "
+             f"({payload['n_per_pair']}); greedy decoding. npu-emulated rows run the NPU kernel sets on the CPU "
+             "(emulated: no NPU was used).", ""]
+    if payload.get("note"):
+        lines += [f"**{payload['note']}**", ""]
+    for model, m in payload["models"].items():
+        variants = list(m["variants"])
+        lines += [f"## {model} ({m['family']})", "",
+                  "Exact-match accuracy (%) per task and language; in brackets the difference from torch fp32 in "
+                  "points.", "", "| task / lang | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+        keys = [f"{t}/{l}" for t, l in LABELS] + [f"{t}/all" for t in ("count", "color", "shape", "position",
+                                                                      "caption")]
+        for key in keys:
+            cells = []
+            for v in variants:
+                r = m["variants"][v]
+                acc, d = r["accuracy"].get(key), (r.get("delta_points") or {}).get(key)
+                cells.append(_pct(acc) + ("" if v == REFERENCE or d is None else f" ({d:+.1f})"))
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        lines.append("| **all** | " + " | ".join(_pct(m["variants"][v]["overall"]) for v in variants) + " |")
+        lines.append("| caption item F1 | " + " | ".join(
+            _pct(m["variants"][v]["caption"].get("all", {}).get("f1")) for v in variants) + " |")
+        lines.append("| same answer as torch fp32 | " + " | ".join(
+            _pct(m["variants"][v].get("same_answer_as_fp32")) for v in variants) + " |")
+        lines.append("| routing NMI task/expert (mean over routers) | " + " | ".join(
+            "-" if m["variants"][v]["routing_mean_nmi"] is None else f"{m['variants'][v]['routing_mean_nmi']:.3f}"
+            for v in variants) + " |")
+        lines.append("| seconds (wall, evaluate only; a shared machine: not a speed figure) | " + " | ".join(
+            f"{m['variants'][v]['seconds']:.1f}" for v in variants) + " |")
+        lines += ["", "Not run:", ""] + [f"- {k}: {why}" for k, why in m["not_run"].items()] + [""]
+    lines += ["## Reading the table", "",
+              f"- Target: every deployment variant within 1 point of torch fp32 per task, int8 excepted. {INT8}",
+              "- torch fp32 gumbel (MoE-LLaVA only) is the original's routing, not a deployment variant: its second "
+              "expert is drawn with Gumbel noise, so its answers are expected to differ from deterministic top-2.",
+              "- Routing NMI: the normalised mutual information between the question's task and the expert a "
+              "router picks (Awaker: one expert per request and router; MoE-LLaVA: token-slots, prompt and "
+              "generated tokens), averaged over routers; 0 = routing ignores the task, 1 = one expert per task.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from moevl.ascend.device import resolve_device
+    from moevl.benchmarks.common import RESULTS, environment
+    from moevl.train.data import VALIDATION_N, VALIDATION_SEED, load_records, make_shapes
+
+    ap = argparse.ArgumentParser(prog="python -m moevl.benchmarks.quality", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated presets or checkpoint folders")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; default all")
+    ap.add_argument("--limit", type=int, default=VALIDATION_N, help="the first N records of the validation split")
+    ap.add_argument("--data", default=None, help="a data set JSON instead of the validation split")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 8 tokens")
+    ap.add_argument("--note", default=None, help="a line for the top of the markdown (e.g. 'random weights')")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for quality-cpu.json/.md")
+    args = ap.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or REFERENCE not in variants:
+        print(f"quality: error: --variants must include {REFERENCE!r} and name only {', '.join(VARIANTS)}; "
+              f"unknown: {unknown}", file=sys.stderr)
+        return 2
+    if args.limit < 1:
+        print(f"quality: error: --limit {args.limit}: pass a positive number of records", file=sys.stderr)
+        return 2
+
+    def log(m):
+        print(m, file=sys.stderr, flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="moevl-quality-"))
+    try:
+        if args.data:
+            records = load_records(args.data)[:args.limit]
+            seed = None
+        else:
+            seed = VALIDATION_SEED
+            log(f"writing the first {args.limit} records of the validation split")
+            records = load_records(make_shapes(work / "val", min(args.limit, VALIDATION_N), seed))
+        pairs = {}
+        for r in records:
+            pairs[(r["task"], r["lang"])] = pairs.get((r["task"], r["lang"]), 0) + 1
+        models = {}
+        t0 = time.perf_counter()
+        for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+            models[model] = run_model(model, records, variants, work, args.batch_size, args.max_new_tokens, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    env = environment(resolve_device("cpu", "fp32"))
+    command = " ".join(["python -m moevl.benchmarks.quality"] + list(sys.argv[1:] if argv is None else argv))
+    payload = {"command": command, "environment": env, "data": args.data or "validation split",
+               "data_seed": seed, "n": len(records),
+               "n_per_pair": f"{min(pairs.values())}-{max(pairs.values())} per task and language",
+               "batch_size": args.batch_size, "note": args.note, "seconds": round(time.perf_counter() - t0, 1),
+               "models": models}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality-cpu.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    (out / "quality-cpu.md").write_text(render(payload))
+    log(f"wrote {out / 'quality-cpu.json'} and {out / 'quality-cpu.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

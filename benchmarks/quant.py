@@ -1,0 +1,475 @@
+"""Decode at 7B width per precision, side by side: transformers fp32 vs ours fp32 / bf16 / int8 / int4.
+
+    python -m moevl.benchmarks.quant [--layers 2] [--rounds 3] [--new-tokens 32] [--batch8-tokens 8] [--out DIR]
+    moevl bench quant ...
+
+The same model as benchmarks.e2e (Awaker at Qwen2-VL-7B width, 2 decoder layers, ViT depth 2, adapters r = 256 with
+4 + 1 experts, one image of 64 tokens + ~40 text tokens, greedy). Variants, all built from the same random weights:
+transformers Qwen2-VL fp32 (the baseline, sharing our base tensors), ours fp32, ours bf16, ours bf16 + int8 weights,
+ours bf16 + int4 weights (group 128, with zero points), as ``moevl.load(..., dtype=, quantize=)`` gives them.
+Every round runs each variant once, in turn (medians over rounds; ratios are per round, then the median).
+Read bandwidth (``W.sum()`` on 1 GiB) is measured in the same run. Accuracy here is against ours fp32 on the same
+random weights (logits of the first token, greedy-token agreement, routing decisions); task accuracy comes from
+``moevl eval`` on trained weights (benchmarks/quality.py), which this file does not run.
+ONNX Runtime figures are read from benchmarks/results/ort-cpu.json when it exists (a separate run: labelled so).
+Writes quant-<device>.json / .md / .png. Not a test: the machine is shared, figures are noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import moevl
+from moevl.ascend.device import cpu_model_name, resolve_device
+from moevl.benchmarks.common import RESULTS, NoProcessor, environment, median, read_bandwidth_gbs, write_results
+from moevl.kernels import quant
+
+VARIANTS = (  # name, compute dtype, quantize ("ours fp32 (oneDNN)" is the fp32 model with packed weights swapped in)
+    ("ours fp32", "fp32", None),
+    ("ours fp32 (oneDNN)", "fp32", None),
+    ("ours bf16", "bf16", None),
+    ("ours int8 (bf16)", "bf16", "int8"),
+    ("ours int4 (bf16)", "bf16", "int4"),
+)
+BASELINE = "transformers fp32"
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags that decide which kernels are fast here (MKL vs oneDNN, bf16, int8)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile",
+              "avx_vnni")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return []
+    return [f for f in wanted if f in flags]
+
+
+def weight_bytes(model, adapters: bool = True) -> int:
+    """Bytes a decode step reads: decoder layers' base weights and lm_head in the form they are held (quantised:
+    int8/int4 + scales; oneDNN-packed: the dense bytes), plus the selected rank-2r LoRA when ``adapters``."""
+    total = 0
+    for mod in (model.model.layers, model.lm_head):
+        for name, p in mod.named_parameters():
+            if ".lora_" not in name and ".router." not in name and not name.startswith(("lora_", "router.")):
+                total += p.numel() * p.element_size()
+        total += sum(m.nbytes() for m in mod.modules() if isinstance(m, quant.QuantizedWeight))
+    if adapters:
+        rank = model.cfg.adapters.rank
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                total += 2 * rank * (lin.in_features + lin.out_features) * lin.lora_A.element_size()
+    return total
+
+
+class LayoutSwitch:
+    """The fp32 model's base linears in both layouts at once (the plain weights are shared with the transformers
+    baseline; the oneDNN copies are extra memory), swapped in and out between runs."""
+
+    def __init__(self, model):
+        self.model = model
+        self.plain = {name: mod for name, mod in quant.base_linears(model)}
+        self.weights = {name: mod.weight for name, mod in self.plain.items()}
+        self.packed = {name: quant.OnednnWeight(w) for name, w in self.weights.items()}
+
+    def use(self, layout: str):
+        for name, mod in self.plain.items():
+            if isinstance(mod, torch.nn.Linear):
+                parent, _, child = name.rpartition(".")
+                target = mod if layout == "plain" else quant.WeightLinear(self.packed[name], mod.bias)
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, target)
+            else:
+                if "weight" in mod._parameters:
+                    del mod._parameters["weight"]
+                if "weight" in mod._modules:
+                    del mod._modules["weight"]
+                mod.weight = self.weights[name] if layout == "plain" else self.packed[name]
+
+
+class SwitchedSession:
+    """A session that puts its model's weights in one layout before each use (see LayoutSwitch)."""
+
+    def __init__(self, session, switch: LayoutSwitch, layout: str):
+        self.session, self.switch, self.layout = session, switch, layout
+
+    def __getattr__(self, name):
+        if name == "prefill":
+            self.switch.use(self.layout)
+        return getattr(self.session, name)
+
+
+_SHARED: dict = {}  # (name, dtype) -> tensor: what the same-dtype clones share (never quantised: the embedding)
+
+
+def clone_in(model, dtype):
+    """A copy of ``model`` in ``dtype`` that never holds a second fp32 copy (built on meta, weights assigned); the
+    token embedding (2.2 GB in fp32 at 7B width, never quantised) is shared between clones of one dtype."""
+    from moevl.model.awaker.checkpoint import build_model
+
+    clone = build_model(model.cfg)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "model.embed_tokens.weight":
+            sd[k] = _SHARED.setdefault((k, dtype), v.to(dtype))
+        else:
+            sd[k] = v.to(dtype)
+    clone.load_state_dict(sd, assign=True)
+    clone.init_buffers()
+    return clone
+
+
+def make_batch(cfg, copies: int):
+    from moevl.benchmarks.e2e import make_request
+
+    one = make_request(cfg)
+    if copies == 1:
+        return one
+    from moevl.model.awaker.inputs import collate
+
+    ids = one.input_ids[0].tolist()
+    return collate([ids] * copies, [(1, 16, 16)] * copies, [one.patches] * copies, cfg)
+
+
+def run(session, batch, n):
+    from moevl.model.generate import GenerationConfig, generate
+
+    res = generate(session, batch, GenerationConfig(max_new_tokens=n))
+    assert all(len(t) == n for t in res.token_ids), "the benchmark needs exactly n tokens (EOS must not stop it)"
+    return res
+
+
+def first_logits(session, batch):
+    from moevl.model.awaker.session import AwakerSession  # noqa: F401  (the session type this file builds)
+
+    captured = []
+    model, original = session.model, session.model.logits
+
+    def spy(*a, **k):
+        out = original(*a, **k)
+        captured.append(out.detach().float().clone())
+        return out
+    model.logits = spy
+    try:
+        run(session, batch, 1)
+    finally:
+        del model.logits
+    return captured[0]
+
+
+def load_rss_check(model, out_dir: Path) -> dict:
+    """Save the int4 model in the kit's format and load it in a fresh process: peak RSS growth during the load vs
+    the size of the saved file (target <= 1.3x)."""
+    from moevl.model.awaker.tiny import TINY_TOKENIZER
+    from moevl.model.checkpoint import save
+
+    folder = out_dir / "int4-7b-width"
+    save(model, TINY_TOKENIZER, folder)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    # the weights' path of moevl.load (read, build on meta, assign, place); the benchmark's tokenizer stand-in does
+    # not fit a 7B-width config, so the processor is left out
+    code = ("import resource, torch, moevl\n"
+            "from pathlib import Path\n"
+            "from moevl.ascend.device import resolve_device\n"
+            "from moevl.kernels import quant\n"
+            "from moevl.model.awaker.checkpoint import build_model\n"
+            "from moevl.model.awaker.config import AwakerConfig\n"
+            "from moevl.model.checkpoint import assign_weights, read_our_format\n"
+            "b = int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])\n"
+            f"folder = Path({str(folder)!r})\n"
+            "config, sd = read_our_format(folder, 'awaker')\n"
+            "model = build_model(AwakerConfig.from_dict(config))\n"
+            "assign_weights(model, sd, torch.bfloat16, 'cpu', str(folder))\n"
+            "del sd\n"
+            "moevl.place(model, resolve_device('cpu', 'bf16'))\n"
+            "p = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "print(b * 1024, p * 1024, len(quant.quantized_weights(model)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the load check failed: {out.stderr[-2000:]}")
+    before, peak, n = (int(v) for v in out.stdout.split()[-3:])
+    return {"file_bytes": size, "rss_before_load": before, "peak_rss_after_load": peak, "quantised_linears": n,
+            "load_growth_over_file": (peak - before) / size}
+
+
+def kernel_table(shapes, repeats: int = 10) -> list[dict]:
+    """One-row product per weight shape (the decode GEMV) in each form, best of ``repeats`` after a warm-up:
+    bf16 F.linear, bf16 oneDNN-packed, int8 and int4 (bf16 activations). Weights random, built one shape at a
+    time. -> rows with ms and GB/s of the bytes each form reads."""
+    import time
+
+    def best(fn, x):
+        fn(x)
+        t_best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(x)
+            t_best = min(t_best, time.perf_counter() - t)
+        return t_best
+
+    rows = []
+    for out_f, in_f in shapes:
+        w = torch.randn(out_f, in_f, dtype=torch.bfloat16)
+        x = torch.randn(1, in_f, dtype=torch.bfloat16)
+        forms = {"bf16 F.linear": (lambda v: torch.nn.functional.linear(v, w), w.numel() * 2)}
+        packed = quant.OnednnWeight(w)
+        forms["bf16 oneDNN"] = (lambda v: packed.run(v, None), w.numel() * 2)
+        i8 = quant.Int8Weight.from_float(w)
+        quant.bind_cpu(i8)
+        forms["int8"] = (lambda v: i8.run(v, None), i8.nbytes())
+        i4 = None
+        if in_f % quant.GROUP_SIZE == 0:
+            i4 = quant.Int4Weight.from_float(w)
+            quant.bind_cpu(i4)
+            forms["int4"] = (lambda v: i4.run(v, None), i4.nbytes())
+        for name, (fn, nbytes) in forms.items():
+            t = best(fn, x)
+            rows.append({"shape": [out_f, in_f], "form": name, "ms": 1000 * t, "bytes": nbytes,
+                         "gbs": nbytes / t / 1e9})
+        del w, packed, i8, i4
+        gc.collect()
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        acc = r.get("accuracy")
+        y = acc if acc is not None else r.get("token_agreement")
+        if y is None:
+            continue
+        ax.scatter(r["decode_ms_per_token"], y, s=40)
+        ax.annotate(r["variant"], (r["decode_ms_per_token"], y), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set_xlabel("decode ms/token (batch 1, lower is better)")
+    ax.set_ylabel("greedy-token agreement with ours fp32\n(task accuracy: moevl eval, not run here)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    from moevl.benchmarks.e2e import build_baseline, build_ours, run_baseline
+    from moevl.model.awaker.config import AdapterConfig, awaker_7b_width
+    from moevl.model.awaker.session import AwakerSession
+
+    ap = argparse.ArgumentParser(prog="python -m moevl.benchmarks.quant", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batch8-tokens", type=int, default=8, help="tokens per request at batch 8 (0 = skip)")
+    ap.add_argument("--rank", type=int, default=256)
+    ap.add_argument("--no-rss-check", action="store_true")
+    ap.add_argument("--no-kernel-table", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    from tqdm import tqdm
+
+    cfg = awaker_7b_width(num_layers=args.layers)
+    cfg.adapters = AdapterConfig(num_experts=4, rank=args.rank, alpha=2.0 * args.rank)
+    dev32 = resolve_device("cpu", "fp32")
+    print(f"building 7B-width model ({args.layers} layers, r={args.rank}) and its variants ...", flush=True)
+    ours = build_ours(cfg, dev32, place=False)
+    hf = build_baseline(ours)  # shares our plain base tensors
+    for _, mod in quant.base_linears(ours):  # the per-shape layout timings, fp32 (bf16: when its variant loads)
+        quant.measure_layout(mod.weight)
+    os.environ["MOEVL_CPU_LAYOUT"] = "plain"  # ours fp32 is measured in both layouts explicitly (LayoutSwitch)
+    moevl.place(ours, dev32)
+    os.environ.pop("MOEVL_CPU_LAYOUT")
+    sessions, build_s, rss = {}, {}, None
+    rss_dir = tempfile.TemporaryDirectory()
+    for name, dtype, mode in VARIANTS:
+        t0 = time.perf_counter()
+        dev = resolve_device("cpu", dtype)
+        if name == "ours fp32":
+            model = ours
+        elif name == "ours fp32 (oneDNN)":
+            model = ours
+            switch = LayoutSwitch(ours)
+        else:
+            model = clone_in(ours, dev.dtype)
+            if mode is not None:
+                quant.quantize_model(model, mode)
+            if mode == "int4" and not args.no_rss_check:  # saved in the stored form, before the CPU layout
+                rss = load_rss_check(model, Path(rss_dir.name))
+            moevl.place(model, dev)
+        gc.collect()
+        sessions[name] = AwakerSession(model, NoProcessor(), dev)
+        if name == "ours fp32 (oneDNN)":
+            sessions[name] = SwitchedSession(sessions[name], switch, "onednn")
+            sessions["ours fp32"] = SwitchedSession(sessions["ours fp32"], switch, "plain")
+        build_s[name] = time.perf_counter() - t0
+    batch1 = make_batch(cfg, 1)
+    batch8 = make_batch(cfg, 8) if args.batch8_tokens else None
+    bw = read_bandwidth_gbs()
+
+    # accuracy vs ours fp32 on the same random weights
+    ref_logits = first_logits(sessions["ours fp32"], batch1)
+    ref_tokens = run(sessions["ours fp32"], batch1, args.new_tokens).token_ids[0]
+    ref_routing = [d.to_dict() for d in sessions["ours fp32"].routing_decisions()]
+    accuracy = {}
+    for name, s in sessions.items():
+        lg = first_logits(s, batch1)
+        toks = run(s, batch1, args.new_tokens).token_ids[0]
+        routing = [d.to_dict() for d in s.routing_decisions()]
+        same = next((i for i, (a, b) in enumerate(zip(toks, ref_tokens)) if a != b), len(toks))
+        changed = sum(1 for a, b in zip(routing, ref_routing) if a["expert"] != b["expert"])
+        accuracy[name] = {"first_logits_rel_err": ((lg - ref_logits).abs().max() / ref_logits.abs().max()).item(),
+                          "first_token_equal": bool(lg.argmax(-1).eq(ref_logits.argmax(-1)).all()),
+                          "greedy_tokens_equal_before_first_divergence": same,
+                          "token_agreement": sum(a == b for a, b in zip(toks, ref_tokens)) / len(toks),
+                          "routing_decisions_changed": changed, "routing_decisions": len(routing)}
+
+    run(sessions["ours fp32"], batch1, 3)  # warm-up
+    run_baseline(hf, batch1, 3)
+    names = [BASELINE] + list(sessions)
+    rows = {n: [] for n in names}
+    rows8 = {n: [] for n in sessions}
+    bar = tqdm(total=args.rounds * (len(names) + (len(sessions) if batch8 is not None else 0)),
+               desc="quant bench", unit="run", file=sys.stderr)
+    for _ in range(args.rounds):
+        for n in names:
+            bar.set_postfix_str(n)
+            if n == BASELINE:
+                rows[n].append(run_baseline(hf, batch1, args.new_tokens))
+            else:
+                res = run(sessions[n], batch1, args.new_tokens)
+                rows[n].append((res.ttft_ms, res.decode_ms / (args.new_tokens - 1)))
+            bar.update()
+        if batch8 is not None:
+            for n, s in sessions.items():
+                bar.set_postfix_str(n + " batch 8")
+                res = run(s, batch8, args.batch8_tokens)
+                rows8[n].append(8 * (args.batch8_tokens - 1) / (res.decode_ms / 1000))
+                bar.update()
+    bar.close()
+
+    base_decode = [r[1] for r in rows[BASELINE]]
+    base_ttft = [r[0] for r in rows[BASELINE]]
+    table = []
+    for n in names:
+        model = sessions[n].model if n != BASELINE else ours
+        nbytes = weight_bytes(model, adapters=n != BASELINE)
+        dec = median([r[1] for r in rows[n]])
+        row = {"variant": n, "ttft_ms": median([r[0] for r in rows[n]]), "decode_ms_per_token": dec,
+               "tokens_per_s_batch1": 1000.0 / dec,
+               "tokens_per_s_batch8": median(rows8[n]) if rows8.get(n) else None,
+               "decode_vs_transformers_fp32": median([r[1] / b for r, b in zip(rows[n], base_decode)]),
+               "ttft_vs_transformers_fp32": median([r[0] / b for r, b in zip(rows[n], base_ttft)]),
+               "weight_bytes_per_step": nbytes,
+               "decode_bandwidth_gbs": nbytes / (dec / 1000) / 1e9,
+               "build_s": build_s.get(n), "per_round": rows[n]}
+        row["fraction_of_read_bandwidth"] = row["decode_bandwidth_gbs"] / bw["sum"]
+        if n in sessions:
+            row["kernels"] = (quant.describe(sessions[n].model) or {}).get("kernels")
+            row.update(accuracy[n])
+        table.append(row)
+
+    rss_dir.cleanup()
+    h, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = list(dict.fromkeys([(q_out, h), (kv_out, h), (h, q_out), (cfg.intermediate_size, h),
+                                 (h, cfg.intermediate_size), (cfg.vocab_size, h)]))
+    kernels_rows = kernel_table(shapes) if not args.no_kernel_table else []
+    ort = None
+    ort_path = (Path(args.out) if args.out else RESULTS) / "ort-cpu.json"
+    if ort_path.is_file():
+        ort = json.loads(ort_path.read_text())
+
+    cpu = cpu_model_name()
+    flags = cpu_flags()
+    payload = {"benchmark": "quant", "config": {"layers": args.layers, "rank": args.rank,
+               "new_tokens": args.new_tokens, "rounds": args.rounds, "batch8_tokens": args.batch8_tokens,
+               "prompt_tokens": int(batch1.input_ids.shape[1])},
+               "cpu": cpu, "cpu_flags": flags, "environment": environment(dev32), "read_bandwidth_gbs": bw,
+               "rows": table, "load_rss_check": rss, "kernels_per_shape": kernels_rows,
+               "targets": {"int8_decode_vs_transformers_fp32": 0.25, "int4_decode_vs_transformers_fp32": 0.18,
+                           "bf16_decode_vs_transformers_fp32": 0.5, "bf16_ttft_vs_transformers_fp32": 0.6,
+                           "load_growth_over_file": 1.3},
+               "ort_cpu_json": ort, "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               "shared_machine_note": "2 cores shared with other jobs: figures are noisy; ratios are per round"}
+    cmd = f"python -m moevl.benchmarks.quant {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
+    md = [f"# Decode per precision at 7B width ({args.layers} layers): {cpu}", "",
+          f"Command: `{cmd}`  ", f"CPU flags: {', '.join(flags) or 'unknown'}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; read bandwidth (sum of 1 GiB) {bw['sum']:.1f} GB/s, fp32 GEMV "
+          f"{bw['gemv']:.1f} GB/s, measured in this run. Medians of {args.rounds} rounds, each variant once per round "
+          f"in turn; ratios are per round, then the median. {batch1.input_ids.shape[1]} prompt tokens (64 image), "
+          f"{args.new_tokens} greedy tokens at batch 1; batch 8: {args.batch8_tokens} tokens per request. "
+          "Shared 2-core machine: noisy. No NPU/GPU figures: nothing ran on one.", "",
+          "| variant | TTFT ms | decode ms/token | vs transformers fp32 (decode / TTFT) | tok/s b1 | tok/s b8 | "
+          "weight MB/step | % of read bw | first-logits err | tokens = fp32 | routing changed |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        b8 = f"{r['tokens_per_s_batch8']:.1f}" if r.get("tokens_per_s_batch8") else "-"
+        acc = (f"{r['first_logits_rel_err']:.4f} | {100 * r['token_agreement']:.0f}% | "
+               f"{r['routing_decisions_changed']}/{r['routing_decisions']}" if "token_agreement" in r else "- | - | -")
+        md.append(f"| {r['variant']} | {r['ttft_ms']:.0f} | {r['decode_ms_per_token']:.1f} | "
+                  f"{r['decode_vs_transformers_fp32']:.3f} / {r['ttft_vs_transformers_fp32']:.3f} | "
+                  f"{r['tokens_per_s_batch1']:.2f} | {b8} | {r['weight_bytes_per_step'] / 1e6:.0f} | "
+                  f"{100 * r['fraction_of_read_bandwidth']:.0f}% | {acc} |")
+    md += ["", "Targets (issue 13): bf16 decode <= 0.5x and TTFT <= 0.6x transformers fp32; int8 decode <= 0.25x; "
+           "int4 <= 0.18x. Kernels: " + "; ".join(f"{r['variant']}: {', '.join(r['kernels'])}"
+                                                  for r in table if r.get("kernels")) + ".",
+           "Accuracy columns are against ours fp32 on the same random weights (first-token logits: max abs error / "
+           "max |logit|; greedy tokens equal position by position); task accuracy per variant comes from "
+           "`moevl eval` on trained weights (not run here)."]
+    layout_rows = [f"| {k[0]} x {k[1]} | {str(k[2]).removeprefix('torch.')} | {v['bytes'] / v['plain_s'] / 1e9:.1f} | "
+                   f"{v['bytes'] / v['onednn_s'] / 1e9:.1f} | {quant._LAYOUT_CHOICE[k]} |"
+                   for k, v in quant.LAYOUT_TIMES.items()]
+    payload["layout_timings"] = [{"out": k[0], "in": k[1], "dtype": str(k[2]), **v, "chosen": quant._LAYOUT_CHOICE[k]}
+                                 for k, v in quant.LAYOUT_TIMES.items()]
+    md += ["", "CPU weight layout per shape, measured at load (one-row product, best of 10, GB/s of weight bytes; "
+           "oneDNN kept only when > 5% faster):", "",
+           "| weight [out x in] | dtype | MKL F.linear | oneDNN packed | chosen |", "|---|---|---|---|---|"] + layout_rows
+    if kernels_rows:
+        forms = list(dict.fromkeys(r["form"] for r in kernels_rows))
+        md += ["", "Decode GEMV per weight shape and form (random weights, best of 10, ms and GB/s of the bytes the "
+               "form reads; the last shape is lm_head: quantising it pays when int8/int4 ms < bf16 ms):", "",
+               "| weight [out x in] | " + " | ".join(forms) + " |", "|---|" + "---|" * len(forms)]
+        for shape in dict.fromkeys(tuple(r["shape"]) for r in kernels_rows):
+            cells = {r["form"]: r for r in kernels_rows if tuple(r["shape"]) == shape}
+            md.append(f"| {shape[0]} x {shape[1]} | " + " | ".join(
+                f"{cells[f]['ms']:.2f} ms ({cells[f]['gbs']:.1f} GB/s)" if f in cells else "-" for f in forms) + " |")
+    if rss:
+        md += ["", f"Load of the saved int4 model in a fresh process (moevl.load's weight path, bf16, placed): file "
+               f"{rss['file_bytes'] / 2**20:.0f} MiB, peak RSS grew by "
+               f"{(rss['peak_rss_after_load'] - rss['rss_before_load']) / 2**20:.0f} MiB = "
+               f"{rss['load_growth_over_file']:.2f}x the file (target <= 1.3x); the fp32 weights never exist there."]
+    if ort:
+        rows_ort = [f"{r.get('runtime', '?')}: decode {r.get('decode_ms_per_token', float('nan')):.1f} ms/token"
+                    for r in ort.get("rows", []) if "7b" in str(r.get("config", ""))]
+        if rows_ort:
+            md += ["", "ONNX Runtime (benchmarks/results/ort-cpu.json, a separate run, maybe another day): "
+                   + "; ".join(rows_ort) + "."]
+    png = None
+    j, m = write_results("quant", dev32, payload, "\n".join(md) + "\n", out=Path(args.out) if args.out else RESULTS)
+    png = plot(table, m.with_suffix(".png"), f"7B width, {args.layers} layers, {cpu}")
+    if png is not None:
+        payload["plot"] = png.name
+        j.write_text(json.dumps(payload, indent=2))
+    print("\n".join(md))
+    print(f"wrote {j}, {m}" + (f" and {png}" if png else " (no PNG: pip install matplotlib)"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

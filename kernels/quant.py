@@ -1,0 +1,543 @@
+"""Weight-only quantisation of the base linears (int8 per channel, int4 per group of 128) and the weights' layouts.
+
+What is quantised: the decoder's base linears (q/k/v/o, gate/up/down; Awaker's LoRA-MoE linears keep their experts)
+and lm_head. Routers, adapters (LoRA experts), norms, embeddings and the vision tower stay in the compute dtype.
+
+How (gpt-fast's quantize.py is the model): a linear's ``weight`` Parameter is replaced by a weight module that is
+called as ``weight(x, bias) -> x W^T + b`` (``kernels.cpu.linear`` and ``reference.lora_moe_linear`` call it so;
+``nn.Linear`` modules become :class:`WeightLinear`). The weight module holds the stored form:
+
+- :class:`Int8Weight`: ``qweight`` int8 [out, in], ``scales`` [out]; W = qweight * scales[:, None] (symmetric).
+- :class:`Int4Weight`: ``qweight`` uint8 [out, in / 2] (two 4-bit values per byte, the even column in the low
+  nibble), ``scales`` and ``zeros`` [out, in / group]; W = (q - 8) * scale + zero per group (with a zero point;
+  ``zero_point=False`` gives the symmetric form, zero = 0).
+
+That stored form is what ``moevl quantize`` writes (device-independent). When a model is placed on a device the
+backend binds each weight to its kernel (``Kernels.prepare_weights``, once): CPU ``aten._weight_int8pack_mm`` /
+``_weight_int4pack_mm_for_cpu`` with bf16 activations (the fast path needs bf16: with fp32 activations the int8
+kernel ran at 0.53x of fp32 F.linear on an AMD EPYC, shared/notes/performance.md), CUDA dequantise + matmul
+(not verified on a GPU), NPU ``torch_npu.npu_weight_quant_batchmatmul`` (kernels/npu.py; emulated, not verified on
+hardware). Every path is compared in tests/test_quant*.py with :meth:`QuantizedWeight.reference` (dequantise, then
+F.linear), the oracle.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("int8", "int4")
+GROUP_SIZE = 128
+
+# Linears that are never quantised: anything under these module names (the routers decide the experts, the vision
+# tower runs once per image, the projector is small) - matched on dotted name components.
+KEEP = ("router", "visual", "vision_tower", "mm_projector", "embed_tokens")
+
+
+# ------------------------------------------------------------------------------------------------- the numbers
+ROWS_PER_CHUNK = 4096  # quantise this many output rows at a time: the fp32 temporaries stay small (lm_head)
+
+
+def _by_rows(fn, w: torch.Tensor, *args):
+    """fn applied to blocks of rows of w, outputs concatenated along rows (bounded temporary memory)."""
+    if w.shape[0] <= ROWS_PER_CHUNK:
+        return fn(w, *args)
+    parts = [fn(w[i:i + ROWS_PER_CHUNK], *args) for i in range(0, w.shape[0], ROWS_PER_CHUNK)]
+    return tuple(torch.cat(ts) for ts in zip(*parts))
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (q int8 [out, in], scales fp32 [out]), symmetric per output channel: w ~ q * scale."""
+    return _by_rows(_quantize_int8, w)
+
+
+def _quantize_int8(w):
+    w = w.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return (q.float() * scales.float()[:, None]).to(dtype)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE, zero_point: bool = True):
+    """w [out, in] -> (q uint8 [out, in / 2] packed nibbles, scales fp32 [out, in / g], zeros fp32 [out, in / g]).
+
+    With a zero point (min/max, as gpt-fast): scale = (max - min) / 15, zero = min + 8 * scale, q = round((w - min)
+    / scale) in 0..15. Symmetric: scale = max|w| / 7, zero = 0, q = round(w / scale) + 8 in 1..15 (0 unused)."""
+    if w.shape[1] % group_size or group_size % 2:
+        raise ValueError(f"int4 needs the input width ({w.shape[1]}) to be a multiple of the group size "
+                         f"({group_size})")
+    return _by_rows(_quantize_int4, w, group_size, zero_point)
+
+
+def _quantize_int4(w, group_size, zero_point):
+    out_f, in_f = w.shape
+    g = w.detach().float().reshape(out_f, in_f // group_size, group_size)
+    if zero_point:
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scales = ((hi - lo) / 15.0).clamp(min=1e-12)
+        zeros = lo + 8.0 * scales
+        q = torch.round((g - lo[..., None]) / scales[..., None])
+    else:
+        scales = (g.abs().amax(dim=-1) / 7.0).clamp(min=1e-12)
+        zeros = torch.zeros_like(scales)
+        q = torch.round(g / scales[..., None]) + 8
+    q = q.clamp_(0, 15).to(torch.uint8).reshape(out_f, in_f)
+    return pack_int4(q), scales, zeros
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] values 0..15 -> uint8 [out, in / 2], column 2j in the low nibble, 2j + 1 in the high one."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in / 2] -> uint8 [out, in] values 0..15 (inverse of pack_int4)."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed, scales, zeros, dtype=torch.float32) -> torch.Tensor:
+    q = unpack_int4(packed).float()
+    out_f, in_f = q.shape
+    groups = scales.shape[1]
+    w = (q.view(out_f, groups, -1) - 8.0) * scales.float()[..., None] + zeros.float()[..., None]
+    return w.view(out_f, in_f).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------- weight modules
+class _GradThroughWeight(torch.autograd.Function):
+    """Backward to the input through a frozen packed/quantised weight (the fast kernels have no autograd):
+    dx = dy W, with W dequantised on the fly. The weight itself gets no gradient (it is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x2, bias, weight_module):
+        ctx.weight_module = weight_module
+        return weight_module.run(x2, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        w = ctx.weight_module.dequantize(dy.dtype)
+        return dy @ w, None, None
+
+
+class QuantizedWeight(nn.Module):
+    """A linear's weight [out, in] in a non-plain form; ``weight(x, bias)`` computes x W^T + b for x [..., in].
+
+    ``dtype`` is the compute dtype (what the model's activations are: code that asks ``lm_head.weight.dtype``
+    gets the model's dtype), ``shape`` the logical [out, in]. ``kernel`` is what a backend bound
+    (``bind``); unbound, the reference runs."""
+
+    mode = ""
+
+    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.compute_dtype = dtype
+        self.kernel = None  # (x2 [M, in], bias | None) -> [M, out]; None: self.reference
+        self.kernel_name = "reference"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.buffers())).device
+
+    def nbytes(self) -> int:
+        """Bytes a decode step reads for this weight."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def bind(self, kernel, name: str) -> None:
+        self.kernel, self.kernel_name = kernel, name
+
+    def run(self, x2, bias):
+        return (self.kernel or self.reference)(x2, bias)
+
+    def reference(self, x2, bias):
+        """The oracle: dequantise to the activations' dtype, then a plain F.linear."""
+        return F.linear(x2, self.dequantize(x2.dtype), None if bias is None else bias.to(x2.dtype))
+
+    def forward(self, x, bias=None):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _GradThroughWeight.apply(x2, bias, self)
+        else:
+            y = self.run(x2, bias)
+        return y.view(*lead, self.out_features)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.mode}, out={self.out_features}, in={self.in_features}, kernel={self.kernel_name}"
+
+
+class Int8Weight(QuantizedWeight):
+    mode = "int8"
+
+    def __init__(self, out_features, in_features, dtype, device=None):
+        super().__init__(out_features, in_features, dtype)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, dtype=None) -> Int8Weight:
+        q, s = quantize_int8(w)
+        m = cls(w.shape[0], w.shape[1], dtype or w.dtype, device=w.device)
+        m.qweight, m.scales = q, s.to(m.compute_dtype)
+        return m
+
+    def dequantize(self, dtype=torch.float32):
+        return dequantize_int8(self.qweight, self.scales, dtype)
+
+
+class Int4Weight(QuantizedWeight):
+    mode = "int4"
+
+    def __init__(self, out_features, in_features, dtype, group_size=GROUP_SIZE, device=None):
+        super().__init__(out_features, in_features, dtype)
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.cpu_packed = None  # (packed, scales_and_zeros) once bound to the CPU kernel (then qweight is dropped)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, dtype=None, group_size=GROUP_SIZE, zero_point=True) -> Int4Weight:
+        q, s, z = quantize_int4(w, group_size, zero_point)
+        m = cls(w.shape[0], w.shape[1], dtype or w.dtype, group_size, device=w.device)
+        m.qweight, m.scales, m.zeros = q, s.to(m.compute_dtype), z.to(m.compute_dtype)
+        return m
+
+    def nbytes(self) -> int:
+        if self.cpu_packed is not None:
+            return sum(t.numel() * t.element_size() for t in self.cpu_packed)
+        return super().nbytes()
+
+    def dequantize(self, dtype=torch.float32):
+        return dequantize_int4(self.stored_qweight(), self.scales, self.zeros, dtype)
+
+    def stored_qweight(self) -> torch.Tensor:
+        """The stored (device-independent) nibbles, recovered from the CPU layout when it replaced them (slow for
+        big weights: a product with identity rows; ``moevl quantize`` saves before any layout is chosen)."""
+        if self.cpu_packed is None:
+            return self.qweight
+        return pack_int4(_unpack_cpu_int4(self))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.cpu_packed is not None:  # the stored form, not the CPU kernel's private layout
+            destination[prefix + "qweight"] = self.stored_qweight()
+
+
+# ------------------------------------------------------------------------------------------------- CPU kernels
+def _int8_cpu(module: Int8Weight):
+    scales = module.scales.to(torch.bfloat16)
+
+    def kernel(x2, bias):
+        y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), module.qweight, scales)
+        y = y.to(x2.dtype)
+        return y if bias is None else y + bias.to(x2.dtype)
+    return kernel
+
+
+def _int4_cpu(module: Int4Weight):
+    if module.cpu_packed is None:
+        # row blocks (multiples of 64: the layout is local to its blocks of rows, checked in tests): the int32
+        # input the op wants is 8x the packed size, too much to build at once for lm_head
+        stored = module.qweight
+        packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            unpack_int4(stored[i:i + 1024]).to(torch.int32), 1) for i in range(0, stored.shape[0], 1024)])
+        sz = torch.stack((module.scales.t(), module.zeros.t()), dim=-1).to(torch.bfloat16).contiguous()
+        module.cpu_packed = (packed, sz)
+        # the CPU layout replaces the stored nibbles (same size): holding both would double the weight memory
+        module.qweight = torch.empty(0, dtype=torch.uint8, device=stored.device)
+    packed, sz = module.cpu_packed
+    g = module.group_size
+
+    def kernel(x2, bias):
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, g, sz)
+        y = y.to(x2.dtype)
+        return y if bias is None else y + bias.to(x2.dtype)
+    return kernel
+
+
+def _unpack_cpu_int4(module: Int4Weight, rows: int = 1024) -> torch.Tensor:
+    """The 0..15 values [out, in] back from the CPU layout: the kernel applied to identity rows gives W^T exactly
+    (fp32 activations and fp32 scale 1 / zero 8: the values q themselves), a chunk of rows at a time."""
+    packed, sz = module.cpu_packed
+    ones = torch.stack((torch.ones(sz.shape[:2]), torch.full(sz.shape[:2], 8.0)), dim=-1)  # q*1 - 8*1 + 8 = q
+    out = torch.empty(module.out_features, module.in_features, dtype=torch.uint8)
+    eye = torch.eye(module.in_features)
+    for start in range(0, module.in_features, rows):
+        block = torch.ops.aten._weight_int4pack_mm_for_cpu(eye[start:start + rows].contiguous(), packed,
+                                                           module.group_size, ones)  # [rows, out] = q^T
+        out[:, start:start + rows] = block.t().round().to(torch.uint8)
+    return out
+
+
+def bind_cpu(module: QuantizedWeight) -> None:
+    if isinstance(module, Int8Weight):
+        module.bind(_int8_cpu(module), "aten._weight_int8pack_mm (bf16 activations)")
+    elif isinstance(module, Int4Weight) and module.out_features % 16 == 0:  # the CPU int4 layout's rule
+        module.bind(_int4_cpu(module), "aten._weight_int4pack_mm_for_cpu (bf16 activations)")
+    else:
+        bind_dequantize(module)
+
+
+def bind_dequantize(module: QuantizedWeight) -> None:
+    """CUDA (not verified on a GPU here): dequantise to the activations' dtype, then the dense matmul."""
+    module.bind(module.reference, "dequantise + matmul")
+
+
+# ------------------------------------------------------------------------------------------------- dense layouts
+class OnednnWeight(QuantizedWeight):
+    """A dense fp32/bf16 weight reordered once into oneDNN's blocked layout for a one-row product (decode):
+    ``mkldnn._linear_pointwise`` streams it (on an AMD EPYC this fp32 GEMV reached 29.5 GB/s vs MKL F.linear's 17,
+    shared/notes/performance.md; on an Intel Xeon with AMX MKL was as fast: the choice is measured per shape,
+    :func:`choose_dense_layouts`). Not quantised: its state dict is the plain ``weight`` again."""
+
+    mode = "onednn"
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight.shape[0], weight.shape[1], weight.dtype)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # opaque: not a buffer
+        self.kernel_name = "oneDNN packed (mkldnn._linear_pointwise)"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features * torch.empty(0, dtype=self.compute_dtype).element_size()
+
+    def run(self, x2, bias):
+        y = torch.ops.mkldnn._linear_pointwise(x2.to(self.compute_dtype).contiguous(), self.packed,
+                                               None if bias is None else bias.to(self.compute_dtype), "none", [], "")
+        return y.to(x2.dtype)
+
+    def dequantize(self, dtype=torch.float32):
+        return self.packed.to_dense().to(dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix[:-1]] = self.dequantize(self.compute_dtype)  # the plain "<linear>.weight"
+
+    def __deepcopy__(self, memo):
+        return OnednnWeight(self.dequantize(self.compute_dtype))
+
+
+# (out, in, dtype, threads) -> "onednn" | "plain": measured once per process (the timings in LAYOUT_TIMES)
+_LAYOUT_CHOICE: dict[tuple, str] = {}
+LAYOUT_TIMES: dict[tuple, dict] = {}
+LAYOUT_POLICIES = ("auto", "plain", "onednn")
+# Smaller weights stay plain: their product is not bandwidth-bound and timing them would make small (test) models'
+# layouts depend on the machine's noise.
+MIN_PACKED = 1 << 20
+
+
+def _time_gemv(fn, x, repeats: int) -> float:
+    import time
+
+    fn(x)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure_layout(w: torch.Tensor, repeats: int = 5, margin: float = 0.05) -> str:
+    """"onednn" when the oneDNN-packed one-row product of ``w`` beats F.linear (MKL) by more than ``margin`` here,
+    else "plain". Interleaved, best of ``repeats`` each (the machine is shared: the minimum is the steady figure)."""
+    key = (*w.shape, w.dtype, torch.get_num_threads())
+    if key not in _LAYOUT_CHOICE:
+        x = torch.randn(1, w.shape[1], dtype=w.dtype)
+        packed = OnednnWeight(w)
+        plain, onednn = float("inf"), float("inf")
+        for _ in range(2):
+            plain = min(plain, _time_gemv(lambda v: F.linear(v, w), x, repeats))
+            onednn = min(onednn, _time_gemv(lambda v: packed.run(v, None), x, repeats))
+        _LAYOUT_CHOICE[key] = "onednn" if onednn < (1 - margin) * plain else "plain"
+        LAYOUT_TIMES[key] = {"plain_s": plain, "onednn_s": onednn, "bytes": w.numel() * w.element_size()}
+    return _LAYOUT_CHOICE[key]
+
+
+@torch.no_grad()
+def choose_dense_layouts(model: nn.Module, policy: str = "auto") -> dict[str, str]:
+    """CPU, once at load: each plain fp32/bf16 base linear (and lm_head) keeps its weight ("plain", MKL F.linear)
+    or is reordered for oneDNN ("onednn"), by ``policy``: "auto" = what :func:`measure_layout` measured faster
+    for that shape here. -> {linear name: layout}."""
+    if policy not in LAYOUT_POLICIES:
+        raise ValueError(f"unknown CPU weight layout policy {policy!r}; use one of {', '.join(LAYOUT_POLICIES)}")
+    chosen = {}
+    if policy == "plain" or not torch.backends.mkldnn.is_available():
+        return chosen
+    for name, mod in base_linears(model, include_lm_head=True):
+        w = mod.weight
+        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+            continue
+        if policy == "auto" and w.numel() < MIN_PACKED:
+            continue
+        layout = "onednn" if policy == "onednn" else measure_layout(w)
+        chosen[name] = layout
+        if layout == "onednn":
+            _set_weight(model, name, mod, OnednnWeight(w))
+    model.dense_layouts = chosen
+    return chosen
+
+
+@torch.no_grad()
+def restore_dense(model: nn.Module) -> int:
+    """Undo :func:`choose_dense_layouts` (plain Parameters again: what tracing for ONNX needs). -> how many."""
+    count = 0
+    for name, mod in list(model.named_modules()):
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, OnednnWeight):
+            continue
+        dense = nn.Parameter(w.dequantize(w.compute_dtype), requires_grad=False)
+        if isinstance(mod, WeightLinear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+            lin.weight = dense
+            if mod.bias is not None:
+                lin.bias = mod.bias
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
+        else:
+            del mod.weight
+            mod.weight = dense
+        count += 1
+    model.dense_layouts = {}
+    return count
+
+
+# ------------------------------------------------------------------------------------------------- model surgery
+class WeightLinear(nn.Module):
+    """An nn.Linear whose weight is a weight module: y = weight(x, bias)."""
+
+    def __init__(self, weight: nn.Module, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.weight = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x):
+        return self.weight(x, self.bias)
+
+
+def base_linears(model: nn.Module, include_lm_head: bool = True) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the linears weight-only quantisation applies to: modules with a 2-D ``weight`` Parameter
+    and ``in_features`` (nn.Linear, Awaker's AdaptedLinear), outside KEEP; lm_head if ``include_lm_head``."""
+    out = []
+    for name, mod in model.named_modules():
+        parts = name.split(".")
+        if any(p in KEEP for p in parts) or (name == "lm_head" and not include_lm_head):
+            continue
+        w = getattr(mod, "weight", None)
+        if isinstance(w, nn.Parameter) and w.dim() == 2 and hasattr(mod, "in_features"):
+            out.append((name, mod))
+    return out
+
+
+def _set_weight(model: nn.Module, name: str, mod: nn.Module, weight: QuantizedWeight) -> None:
+    if isinstance(mod, nn.Linear):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, WeightLinear(weight, mod.bias))
+    else:  # a module that passes self.weight to a kernel (AdaptedLinear -> kernels' lora_moe_linear)
+        del mod.weight
+        mod.weight = weight
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"--quantize {mode!r}: use one of {', '.join(MODES)}")
+    return mode
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str, group_size: int = GROUP_SIZE, zero_point: bool = True,
+                   include_lm_head: bool = True) -> nn.Module:
+    """Replace the base linears' weights by int8/int4 weights, in place, one linear at a time (each fp32/bf16
+    weight is freed as soon as its quantised form exists). -> model (with ``model.quantization`` set)."""
+    check_mode(mode)
+    for name, mod in base_linears(model, include_lm_head):
+        w = mod.weight
+        if mode == "int8":
+            qw = Int8Weight.from_float(w, dtype=w.dtype)
+        else:
+            # a width that is not a multiple of the group takes the largest smaller group that divides it (small
+            # models); none: the linear stays in the compute dtype
+            g = next((g for g in (group_size, 64, 32) if g <= group_size and w.shape[1] % g == 0), None)
+            if g is None:
+                continue
+            qw = Int4Weight.from_float(w, dtype=w.dtype, group_size=g, zero_point=zero_point)
+        _set_weight(model, name, mod, qw)
+    model.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None,
+                          "zero_point": zero_point if mode == "int4" else None, "lm_head": include_lm_head}
+    return model
+
+
+def quantized_weights(model: nn.Module) -> list[tuple[str, QuantizedWeight]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedWeight) and m.mode in MODES]
+
+
+def prepare_for_state_dict(model: nn.Module, sd: dict, dtype: torch.dtype) -> None:
+    """Before loading a saved quantised model (keys ``<linear>.weight.qweight``): give each such linear its
+    quantised weight module (on the meta device, as the model) so that names and shapes line up."""
+    for name, mod in base_linears(model, include_lm_head=True):
+        key = f"{name}.weight.qweight"
+        if key not in sd:
+            continue
+        out_f, in_f = mod.weight.shape
+        if f"{name}.weight.zeros" in sd:
+            groups = sd[f"{name}.weight.scales"].shape[1]
+            qw = Int4Weight(out_f, in_f, dtype, group_size=in_f // max(groups, 1), device="meta")
+        else:
+            qw = Int8Weight(out_f, in_f, dtype, device="meta")
+        _set_weight(model, name, mod, qw)
+
+
+def bind_all(model: nn.Module, binder) -> int:
+    """Bind every quantised weight of ``model`` with ``binder(module)``. -> how many."""
+    mods = quantized_weights(model)
+    for _, m in mods:
+        binder(m)
+    return len(mods)
+
+
+def describe(model: nn.Module) -> dict | None:
+    """The model's quantisation (mode, group size, kernels, bytes) or None."""
+    mods = quantized_weights(model)
+    if not mods:
+        return None
+    info = dict(getattr(model, "quantization", None) or {"mode": mods[0][1].mode})
+    info["linears"] = len(mods)
+    info["kernels"] = sorted({m.kernel_name for _, m in mods})
+    info["weight_bytes"] = sum(m.nbytes() for _, m in mods)
+    return info
+
+
+def quantize_loaded(model: nn.Module, mode: str) -> nn.Module:
+    """``moevl.load(..., quantize=mode)``: quantise a loaded model, or accept one that already is (a folder written
+    by ``moevl quantize``) when the modes agree."""
+    check_mode(mode)
+    mods = quantized_weights(model)
+    if mods:
+        have = mods[0][1].mode
+        if have != mode:
+            raise ValueError(f"this model folder is already quantised to {have}: drop --quantize or pass "
+                             f"--quantize {have}")
+        return model
+    return quantize_model(model, mode)

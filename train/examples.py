@@ -1,0 +1,137 @@
+"""Training examples -> the batches the networks take, and the one forward pass training runs.
+
+A record is one question about one image in the LLaVA conversation format (``moevl.train.data``). Its prompt is
+built by the family's own processor exactly as at inference (``processor.chat`` then ``processor(...)``: the chat
+template, the image-pad expansion, M-RoPE positions, the routers' prompt span); the answer's tokens and the turn's
+end token are appended after it, and only they are scored. The forward pass is the model's own modules in the order
+the inference session calls them (``AwakerSession._prefill`` / ``MoeLlavaSession._prefill``), without a KV cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from moevl.model.session import attention_keep
+
+IGNORE = -100  # label of the positions that are not scored
+
+
+@dataclasses.dataclass
+class Record:
+    """One question about one image."""
+
+    question: str
+    answer: str
+    image: Path
+    task: str = ""
+    lang: str = ""
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """A LLaVA-format JSON file (``moevl.train.data.load_records`` checks it) -> the records with an image."""
+    from moevl.train.data import answer_text, load_records, question_text
+
+    out = [Record(question_text(r), answer_text(r), Path(r["image_path"]), r.get("task", ""), r.get("lang", ""))
+           for r in load_records(path) if r.get("image_path")]
+    if not out:
+        raise ValueError(f"--data {path} has no record with an image: training needs image questions")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- batches
+def answer_ids(family: str, tokenizer, cfg, answer: str) -> list[int]:
+    """The tokens the model must generate for ``answer``, with the token that ends its turn."""
+    if family == "awaker":
+        return tokenizer(answer, add_special_tokens=False)["input_ids"] + [cfg.im_end_token_id]
+    # MoE-LLaVA's template: "... ASSISTANT: {answer}<|endoftext|>"
+    return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [cfg.eos_token_ids[0]]
+
+
+def make_batch(family: str, processor, records: list[Record]):
+    """-> (the family's batch of prompt + answer, labels [B, L] with IGNORE outside the answers)."""
+    cfg = processor.cfg
+    prompts = [processor.chat(r.question, num_images=1) for r in records]
+    pb = processor(prompts, [[r.image] for r in records])
+    answers = [answer_ids(family, processor.tokenizer, cfg, r.answer) for r in records]
+    seqs = [row[mask.bool()].tolist() + ans for row, mask, ans in zip(pb.input_ids, pb.attention_mask, answers)]
+    if family == "awaker":
+        from moevl.model.awaker.inputs import collate
+
+        grids = [tuple(g) for g in pb.grid_thw.tolist()]
+        batch = collate(seqs, grids, [pb.patches], cfg)
+    else:
+        from moevl.model.moe_llava.inputs import collate
+
+        batch = collate(seqs, pb.pixels, cfg.pad_token_id)
+    labels = torch.full_like(batch.input_ids, IGNORE)
+    for i, ans in enumerate(answers):  # left-padded: every answer ends its row
+        labels[i, -len(ans):] = torch.tensor(ans)
+    return batch, labels
+
+
+# ----------------------------------------------------------------------------------------------- forward
+@dataclasses.dataclass
+class ForwardOut:
+    hidden: torch.Tensor      # [B, L, H] after the final norm
+    aux_loss: torch.Tensor    # MoE-LLaVA's load-balancing loss (0 for Awaker)
+    experts: dict             # router name -> chosen expert [B] (Awaker) or top-1 counts (MoE-LLaVA)
+
+
+def forward(family: str, model, batch) -> ForwardOut:
+    """The network over whole sequences (no KV cache), as inference's prefill computes them."""
+    length = batch.input_ids.shape[1]
+    keep = attention_keep(batch.attention_mask.bool(), torch.arange(length, device=batch.input_ids.device))
+    if family == "awaker":
+        from moevl.model.awaker.inputs import pooled_prompt
+
+        feats = None
+        if batch.patches is not None:
+            feats = encode_images_apart(model, batch)
+        embeds = model.embed(batch.input_ids, feats, batch.image_mask)
+        routing = model.route(pooled_prompt(embeds, batch.span)) if model.has_adapters else None
+        hidden = model(embeds, batch.positions, None, keep, routing)
+        experts = {}
+        for i, r in enumerate(routing or []):
+            experts[f"layer{i}.attn"] = r.attn_expert.detach()
+            experts[f"layer{i}.mlp"] = r.mlp_expert.detach()
+        return ForwardOut(hidden, hidden.new_zeros(()), experts)
+    feats = model.encode_images(batch.pixels) if batch.pixels is not None else None
+    embeds = model.embed(batch.input_ids, feats, batch.image_mask)
+    hidden, chosen = model(embeds, batch.positions, None, keep)
+    real = batch.attention_mask.bool().reshape(-1)
+    aux = hidden.new_zeros((), dtype=torch.float32)
+    for i in chosen:
+        aux = aux + load_balancing_loss(model.model.layers[i].mlp.last_routing, real)
+    return ForwardOut(hidden, aux, {f"layer{i}": idx.detach() for i, idx in chosen.items()})
+
+
+def encode_images_apart(model, batch) -> torch.Tensor:
+    """The vision tower image by image: the same features as one call over the batch (its attention mask is block-
+    diagonal per image), without the [all patches]^2 attention a whole training batch would cost."""
+    feats, start = [], 0
+    for t, h, w in batch.grid_thw.tolist():
+        end = start + t * h * w
+        feats.append(model.encode_images(batch.patches[start:end], batch.vision_pos[start:end],
+                                         batch.vision_keep[start:end, start:end]))
+        start = end
+    return torch.cat(feats)
+
+
+def load_balancing_loss(info, real: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed's top-2 gating auxiliary loss (what MoE-LLaVA trains with): E * sum_e mean_prob_e * frac_top1_e,
+    over the real (non-padding) tokens. info: the MoE layer's RoutingInfo; real [N] bool."""
+    probs = info.probs[real]                                     # [n, E]
+    e = probs.shape[-1]
+    top1 = torch.nn.functional.one_hot(info.expert_idx[real, 0], e).float()
+    return (probs.mean(0) * top1.mean(0)).sum() * e
+
+
+def loss_of(family: str, model, batch, labels) -> tuple[torch.Tensor, ForwardOut]:
+    """Mean cross-entropy over the answer tokens (position t predicts token t + 1)."""
+    out = forward(family, model, batch)
+    target = labels[:, 1:]
+    sel = target != IGNORE
+    logits = model.logits(out.hidden[:, :-1][sel])  # only the scored positions reach the vocabulary projection
+    return torch.nn.functional.cross_entropy(logits, target[sel]), out
