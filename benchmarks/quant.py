@@ -192,7 +192,8 @@ def load_rss_check(model, out_dir: Path) -> dict:
             "assign_weights(model, sd, torch.bfloat16, 'cpu', str(folder))\n"
             "del sd\n"
             "moevl.place(model, resolve_device('cpu', 'bf16'))\n"
-            "p = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
+            "p = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
             "print(b * 1024, p * 1024, len(quant.quantized_weights(model)))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
@@ -268,6 +269,88 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     return path
 
 
+def only_kernel_table(args, argv) -> int:
+    """The decode GEMV of every 7B-width weight shape in each form, and the fp32/bf16 layout measured per shape,
+    with the read bandwidth measured before and after (the machine is shared)."""
+    from moevl.model.awaker.config import awaker_7b_width
+
+    cfg = awaker_7b_width(num_layers=1)
+    h, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = list(dict.fromkeys([(q_out, h), (kv_out, h), (h, q_out), (cfg.intermediate_size, h),
+                                 (h, cfg.intermediate_size), (cfg.vocab_size, h)]))
+    bw_before = read_bandwidth_gbs()
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in shapes:
+            w = torch.randn(shape, dtype=dtype)
+            quant.measure_layout(w)
+            del w
+            gc.collect()
+    rows = kernel_table(shapes)
+    bw_after = read_bandwidth_gbs()
+    dev = resolve_device("cpu", "fp32")
+    layouts = [{"out": k[0], "in": k[1], "dtype": str(k[2]).removeprefix("torch."), **v,
+                "chosen": quant._LAYOUT_CHOICE[k]} for k, v in quant.LAYOUT_TIMES.items()]
+    payload = {"benchmark": "quant-kernels", "cpu": cpu_model_name(), "cpu_flags": cpu_flags(),
+               "environment": environment(dev), "read_bandwidth_gbs": {"before": bw_before, "after": bw_after},
+               "layouts": layouts, "kernels_per_shape": rows}
+    cmd = f"python -m moevl.benchmarks.quant {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
+    forms = list(dict.fromkeys(r["form"] for r in rows))
+    md = [f"# Decode GEMV per 7B-width weight shape: {cpu_model_name()}", "", f"Command: `{cmd}`  ",
+          f"CPU flags: {', '.join(cpu_flags())}; torch {torch.__version__}, {torch.get_num_threads()} threads. Read "
+          f"bandwidth (sum of 1 GiB) {bw_before['sum']:.1f} GB/s before, {bw_after['sum']:.1f} after (shared "
+          "machine: other jobs ran at the same time). Random weights; one row (decode); best of 10 after a "
+          "warm-up. No NPU/GPU figures.", "",
+          "Layout measured at load (what `moevl.place` keeps, > 5% margin), GB/s of weight bytes:", "",
+          "| weight [out x in] | dtype | MKL F.linear | oneDNN packed | chosen |", "|---|---|---|---|---|"]
+    md += [f"| {r['out']} x {r['in']} | {r['dtype']} | {r['bytes'] / r['plain_s'] / 1e9:.1f} | "
+           f"{r['bytes'] / r['onednn_s'] / 1e9:.1f} | {r['chosen']} |" for r in layouts]
+    md += ["", "Each form (bf16 activations; ms, and GB/s of the bytes that form reads); the last row is lm_head:",
+           "", "| weight [out x in] | " + " | ".join(forms) + " |", "|---|" + "---|" * len(forms)]
+    for shape in dict.fromkeys(tuple(r["shape"]) for r in rows):
+        cells = {r["form"]: r for r in rows if tuple(r["shape"]) == shape}
+        md.append(f"| {shape[0]} x {shape[1]} | " + " | ".join(
+            f"{cells[f]['ms']:.2f} ms ({cells[f]['gbs']:.1f} GB/s)" if f in cells else "-" for f in forms) + " |")
+    j, m = write_results("quant-kernels", dev, payload, "\n".join(md) + "\n",
+                         out=Path(args.out) if args.out else RESULTS)
+    print("\n".join(md))
+    print(f"wrote {j} and {m}")
+    return 0
+
+
+def only_load_check(args, argv) -> int:
+    """The load check alone, from a bf16 model quantised to int4 (needs ~1/2 of the fp32 model's memory)."""
+    from moevl.model.awaker.config import AdapterConfig, awaker_7b_width
+
+    cfg = awaker_7b_width(num_layers=args.layers)
+    cfg.adapters = AdapterConfig(num_experts=4, rank=args.rank, alpha=2.0 * args.rank)
+    dev = resolve_device("cpu", "bf16")
+    from moevl.model.awaker.checkpoint import build_model
+    from moevl.model.awaker.tiny import init_random_weights
+
+    model = build_model(cfg).to(torch.bfloat16).to_empty(device="cpu")  # bf16 from the start: no fp32 copy
+    init_random_weights(model, seed=0)
+    model.init_buffers()
+    quant.quantize_model(model, "int4")
+    with tempfile.TemporaryDirectory() as tmp:
+        rss = load_rss_check(model, Path(tmp))
+    cmd = f"python -m moevl.benchmarks.quant {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
+    payload = {"benchmark": "quant-load", "cpu": cpu_model_name(), "cpu_flags": cpu_flags(),
+               "environment": environment(dev), "config": {"layers": args.layers, "rank": args.rank,
+                                                           "dtype": "bf16", "quantize": "int4"},
+               "load_rss_check": rss, "target": 1.3}
+    md = [f"# Loading a saved int4 model (7B width, {args.layers} layers, bf16 rest): {cpu_model_name()}", "",
+          f"Command: `{cmd}`  ",
+          f"File {rss['file_bytes'] / 2**20:.0f} MiB (model.safetensors: int4 base linears and lm_head, the rest bf16); "
+          f"peak RSS of the loading process grew by {(rss['peak_rss_after_load'] - rss['rss_before_load']) / 2**20:.0f}"
+          f" MiB from before the load to after the model was placed (CPU int4 layout bound) = "
+          f"**{rss['load_growth_over_file']:.2f}x the file** (target <= 1.3x). {rss['quantised_linears']} quantised "
+          "linears; the fp32/bf16 base weights never exist in that process.", ""]
+    j, m = write_results("quant-load", dev, payload, "\n".join(md), out=Path(args.out) if args.out else RESULTS)
+    print("\n".join(md))
+    print(f"wrote {j} and {m}")
+    return 0
+
+
 def main(argv=None) -> int:
     from moevl.benchmarks.e2e import build_baseline, build_ours, run_baseline
     from moevl.model.awaker.config import AdapterConfig, awaker_7b_width
@@ -282,7 +365,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-rss-check", action="store_true")
     ap.add_argument("--no-kernel-table", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only-load-check", action="store_true",
+                    help="only the saved-int4 load check (bf16 model, little memory), written to quant-load-<device>")
+    ap.add_argument("--only-kernel-table", action="store_true",
+                    help="only the per-shape GEMV table and layout choices (little memory): quant-kernels-<device>")
     args = ap.parse_args(argv)
+    if args.only_load_check:
+        return only_load_check(args, argv)
+    if args.only_kernel_table:
+        return only_kernel_table(args, argv)
     from tqdm import tqdm
 
     cfg = awaker_7b_width(num_layers=args.layers)

@@ -211,7 +211,7 @@ def markdown(payload) -> str:
         for r in res["levels"]:
             lines.append(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} | "
                          f"{r['output_tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
-                         f"{r['e2e_p50_ms']:.0f} / {r['e2e_p99_ms']:.0f} | {r['server_rss_mb_after']:.0f} |")
+                         f"{r['e2e_p50_ms']:.0f} / {r['e2e_p99_ms']:.0f} | {r.get('server_rss_mb_after', float('nan')):.0f} |")
         if res["speedup_16_vs_1"]:
             lines += ["", f"Output tokens/s at 16 clients = {res['speedup_16_vs_1']:.1f}x one client."]
         lines.append("")
@@ -265,7 +265,10 @@ def main(argv=None) -> int:
     payload = {"environment": env, "cpu": cpu_model(),
                "shared_load": True, "configs": {},
                "notes": ["The 7B-width model has random weights and the tiny preset's tokenizer; answers are noise, "
-                         "only speed is measured.", "No NPU or GPU figures: everything ran on this CPU."]}
+                         "only speed is measured.", "No NPU or GPU figures: everything ran on this CPU.",
+                         "`transformers serve` (transformers 5.24) is not compared: it loads Qwen2-VL through "
+                         "AutoProcessor, whose Qwen2VLVideoProcessor requires torchvision, which is not installed "
+                         "beside the torch 2.13 CPU wheel here (ImportError at load)."]}
     out = Path(args.out) if args.out else RESULTS
     previous = out / "serve-cpu.json"
     if previous.exists():  # keep the other config's figures from an earlier run
@@ -277,10 +280,12 @@ def main(argv=None) -> int:
         default_requests = "60,120,300,520" if config == "tiny" else "4,8,32,64"
         requests = [int(x) for x in (args.requests or default_requests).split(",")]
         max_tokens = args.max_tokens or (32 if config == "tiny" else 16)
-        name = "awaker-tiny" if config == "tiny" else "awaker 7B width, 2 layers"
+        name = ("awaker-tiny" if config == "tiny" else "awaker 7B width, 2 layers") + f", {max_tokens}-token answers"
         payload["configs"][name] = bench_config(config, levels, requests, max_tokens, args.max_batch,
                                                 args.max_queue)
         payload["configs"][name]["torch_threads"] = torch.get_num_threads()
+        out.mkdir(parents=True, exist_ok=True)
+        previous.write_text(json.dumps(payload, indent=2))  # what is measured is kept, whatever happens next
     j, m = write_results("serve", resolve_device("cpu", "fp32"), payload, markdown(payload), out)
     print(f"wrote {j} and {m}")
     return 0

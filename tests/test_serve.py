@@ -321,3 +321,41 @@ def test_an_exported_onnx_folder_is_served_one_request_at_a_time(tmp_path):
 
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             assert list(pool.map(ask, range(3))) == expected
+
+
+def test_moevl_serve_starts_answers_and_exits_cleanly_on_sigterm(tmp_path):
+    """The CLI end to end: health turns 200, a streaming answer started before SIGTERM still completes, exit 0."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proc = subprocess.Popen([sys.executable, "-m", "moevl.cli", "serve", "--model", "awaker-tiny", "--device", "cpu",
+                             "--port", str(port), "--max-batch", "2", "--max-context", "512"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
+                    break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=60)
+        stream = iter(c.chat.completions.create(model="awaker-tiny", messages=user("go on"), max_tokens=400,
+                                                stream=True))
+        next(stream)
+        os.kill(proc.pid, signal.SIGTERM)
+        reasons = [ch.choices[0].finish_reason for ch in stream if ch.choices]
+        assert reasons[-1] == "length"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -103,7 +103,8 @@ def add_eval_parser(subparsers):
     p.add_argument("--backend", default="torch", choices=["torch", "ort", "om"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | npu[:N] | npu-emulated[:910B|:310P]")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (torch; default: the device's)")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="ort: dynamic int8 decoder")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="torch: weight-only int8 / int4 base linears; ort: int8 only (dynamic int8 decoder)")
     p.add_argument("--provider", default=None, help="ort: cpu (default) | cuda | cann")
     p.add_argument("--moe-routing", default=None, choices=["deterministic", "deepspeed"],
                    help="MoE-LLaVA: deterministic top-2 (default) or the original's Gumbel second expert")
