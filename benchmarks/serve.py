@@ -46,7 +46,24 @@ def build_7b_session(layers: int = 2):
                  "im_start_token_id", "im_end_token_id", "eos_token_ids", "pad_token_id"):
         setattr(cfg, name, getattr(tiny, name))
     model = build_ours(cfg, device)
-    return AwakerSession(model, AwakerProcessor.from_folder(TINY_TOKENIZER, cfg), device, max_context=1024)
+    session = AwakerSession(model, AwakerProcessor.from_folder(TINY_TOKENIZER, cfg), device, max_context=1024)
+    session.tokenizer = WrappingTokenizer(session.tokenizer)
+    return session
+
+
+class WrappingTokenizer:
+    """Decodes ids beyond the tiny tokenizer's vocabulary (the 7B-width model samples from 152,064) modulo its
+    size, so that every generated token streams some text and time to first token means what it says."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.size = len(inner)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.inner.decode([i % self.size for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def serve_main(config: str, port: int, max_batch: int, max_queue: int) -> int:

@@ -64,6 +64,7 @@ class Server:
         self.session = session
         self.scheduler = None
         self.error: str | None = None
+        self.exception: BaseException | None = None  # what loading raised
         self.media_dir = Path(cfg.allowed_media_dir).resolve() if cfg.allowed_media_dir else None
         self.created = int(time.time())
         self._loader: threading.Thread | None = None
@@ -99,7 +100,7 @@ class Server:
             sched.start()
             self.scheduler = sched
         except Exception as e:  # noqa: BLE001  reported by /health and the log
-            self.error = f"{type(e).__name__}: {e}"
+            self.error, self.exception = f"{type(e).__name__}: {e}", e
             import logging
 
             logging.getLogger("moevl.serve").error("the model could not be loaded: %s", self.error)

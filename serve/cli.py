@@ -62,7 +62,7 @@ def cmd_serve(args) -> int:
     userver.run()
     if server.error:
         print(f"moevl serve: error: the model could not be loaded: {server.error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(server.exception, (ValueError, NotImplementedError)) else 1
     return 0
 
 
@@ -72,9 +72,11 @@ def _check_model(cfg) -> None:
         if not Path(cfg.model).is_dir():
             raise ValueError(f"--model {cfg.model} is not a folder: --backend {cfg.backend} serves an exported folder")
         return
+    from moevl.ascend.device import resolve_device
     from moevl.model.family import family_of
 
     family_of(cfg.model)  # ValueError naming the problem
+    resolve_device(cfg.device, cfg.dtype)  # DeviceError naming a bad --device / --dtype
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:

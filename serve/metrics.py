@@ -20,6 +20,8 @@ class Metrics(Hooks):
         lbl = ["model"]
         self.requests = Counter("moevl_requests", "Chat completion requests by HTTP status (or 'cancelled': the "
                                 "client went away)", lbl + ["status"], registry=r)
+        self.aborted = Counter("moevl_requests_aborted", "Requests the scheduler dropped before they finished "
+                               "(their client went away)", lbl, registry=r)
         self.ttft = Histogram("moevl_time_to_first_token_seconds", "From arrival to the first generated token",
                               lbl, buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("moevl_time_per_output_token_seconds", "Mean time per generated token after the "
@@ -60,6 +62,7 @@ class Metrics(Hooks):
 
     def finished(self, req, reason: str, routing: list) -> None:
         if reason == "cancelled":
+            self.aborted.labels(self.model).inc()
             return
         now = time.perf_counter()
         m = self.model

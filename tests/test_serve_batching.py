@@ -42,7 +42,7 @@ def mixed_requests():
 
 
 def run_concurrently(scheduler, session, requests):
-    """Submit every request at once -> {index: token ids}, via the scheduler's events."""
+    """Submit every request at once -> {index: (token ids, routing records)}, via the scheduler's events."""
     done, results, errors = threading.Event(), {}, []
     lock = threading.Lock()
 
@@ -50,7 +50,7 @@ def run_concurrently(scheduler, session, requests):
         def on(kind, data):
             with lock:
                 if kind == "done":
-                    results[i] = data["token_ids"]
+                    results[i] = (data["token_ids"], data["routing"])
                 elif kind == "error":
                     errors.append(data)
                 if len(results) + len(errors) == len(requests):
@@ -66,13 +66,21 @@ def run_concurrently(scheduler, session, requests):
     return results
 
 
-@pytest.mark.parametrize("preset", ["awaker-tiny", "moellava-tiny"])
-def test_16_concurrent_mixed_requests_give_the_tokens_each_gives_alone(preset):
+@pytest.mark.parametrize("preset,kernels", [("awaker-tiny", None), ("moellava-tiny", None),
+                                             ("awaker-tiny", "reference")])
+def test_16_concurrent_mixed_requests_give_the_tokens_each_gives_alone(preset, kernels):
+    """kernels "reference": Awaker plans that are not the fast kernels' stacked ones are re-planned per batch."""
     torch.manual_seed(0)
     session = moevl.load(preset, device="cpu", dtype="fp32")
+    if kernels:
+        from moevl.kernels import get_kernels
+
+        session.model.set_kernels(get_kernels(kernels))
     requests = mixed_requests()
-    alone = {i: session.ask(q, images=imgs, max_new_tokens=n, temperature=0.0).token_ids[0]
-             for i, (q, imgs, n) in enumerate(requests)}
+    alone = {}
+    for i, (q, imgs, n) in enumerate(requests):
+        tokens = session.ask(q, images=imgs, max_new_tokens=n, temperature=0.0).token_ids[0]
+        alone[i] = (tokens, [d.to_dict() for d in session.routing_decisions()])
     # a cache just long enough for the longest request: the cursor reaches its end and the rows get packed
     max_len = max(session.prepare([q], [imgs]).input_ids.shape[1] + n for q, imgs, n in requests) + 4
     sched = Scheduler(session, max_batch=5, max_queue=16, max_len=max_len)
@@ -84,7 +92,8 @@ def test_16_concurrent_mixed_requests_give_the_tokens_each_gives_alone(preset):
         together = run_concurrently(sched, session, requests)
     finally:
         sched.stop(10)
-    assert together == alone
+    assert {i: t for i, (t, _) in together.items()} == {i: t for i, (t, _) in alone.items()}  # tokens
+    assert together == alone  # and each request's own routing (Awaker: its experts; MoE-LLaVA: its token counts)
     assert packed, "the test should pack the KV cache at least once (lower max_len)"
     assert sched.engine.n == 0  # every row was freed
 

@@ -7,9 +7,9 @@ What it does (every step through the public training API, ``moevl.train.recipe.r
   1. data: the synthetic shapes data set (``moevl.train.data.make_shapes``): a caption set for stage 0, a
      multi-task set (5 tasks x 2 languages) for the later stages, and a fresh validation split (other seed);
   2. a byte-level BPE trained on the data set's text (English and Chinese), Qwen2-VL's special tokens first;
-  3. awaker-tiny: a base (no adapters) trained from scratch on captions (stage 0), then stages 1, 2, 3 on the mix;
-     moellava-tiny: a dense base trained from scratch on captions, then on the mix (stage 0 again, MoE-LLaVA's
-     dense instruction stage), then MoE-tuning (stage moe);
+  3. awaker-tiny: a base (no adapters) trained from scratch on captions (stage 0, in two runs: a second one at a
+     lower peak rate), then stages 1, 2, 3 on the mix; moellava-tiny: a dense base trained from scratch on captions
+     likewise, then on the mix (stage 0 again, MoE-LLaVA's dense instruction stage), then MoE-tuning (stage moe);
   4. each model evaluated on the validation split (``moevl.train.evaluate``);
   5. ``--install``: the final weights + tokenizer + processor + measured quality written to model/assets/<preset>/,
      where the presets load them from.
@@ -45,11 +45,11 @@ class BuildPlan:
     validation: int = 1000        # per task and language: 5 x 2 x 1000 = 10000 records, another seed
     batch: int = 16
     steps: dict = dataclasses.field(default_factory=lambda: {
-        "awaker.0": 3000, "awaker.1": 600, "awaker.2": 300, "awaker.3": 300,
-        "moellava.0": 3000, "moellava.0mix": 600, "moellava.moe": 400})
+        "awaker.0": 3000, "awaker.0b": 2000, "awaker.1": 600, "awaker.2": 300, "awaker.3": 300,
+        "moellava.0": 3000, "moellava.0b": 2000, "moellava.0mix": 600, "moellava.moe": 400})
     lr: dict = dataclasses.field(default_factory=lambda: {
-        "awaker.0": 3e-3, "awaker.1": 2e-3, "awaker.2": 1e-3, "awaker.3": 1e-3,
-        "moellava.0": 3e-3, "moellava.0mix": 1e-3, "moellava.moe": 1e-3})
+        "awaker.0": 3e-3, "awaker.0b": 1.5e-3, "awaker.1": 2e-3, "awaker.2": 1e-3, "awaker.3": 1e-3,
+        "moellava.0": 3e-3, "moellava.0b": 1.5e-3, "moellava.0mix": 1e-3, "moellava.moe": 1e-3})
     lora_rank: int = 16
     lora_alpha: float = 32.0
 
@@ -201,6 +201,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         if not (init / "moevl_config.json").is_file():
             random_checkpoint("awaker", awaker_config(), assets["awaker"], init, seed)
         s0 = stage("awaker.0", init, captions, "0", a / "stage0")
+        s0 = stage("awaker.0b", s0, captions, "0", a / "stage0b")  # more caption steps at a lower peak rate
         s1 = stage("awaker.1", s0, mix, "1", a / "stage1")
         s2 = stage("awaker.2", s1, mix, "2", a / "stage2")
         finals["awaker"] = stage("awaker.3", s2, mix, "3", a / "stage3")
@@ -210,6 +211,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         if not (init / "moevl_config.json").is_file():
             random_checkpoint("moe-llava", mcfg, assets["moellava"], init, seed)
         s0 = stage("moellava.0", init, captions, "0", m / "stage0")
+        s0 = stage("moellava.0b", s0, captions, "0", m / "stage0b")
         s0m = stage("moellava.0mix", s0, mix, "0", m / "stage0-mix")
         finals["moellava"] = stage("moellava.moe", s0m, mix, "moe", m / "stage-moe")
     timings["train_total"] = round(time.time() - t0, 1)

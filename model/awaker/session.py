@@ -134,8 +134,6 @@ class AwakerRows:
     rows whenever they change (``plan_layer``).
     """
 
-    LINEARS = ("o_proj", "gate_proj", "up_proj", "down_proj")
-
     def __init__(self, session: AwakerSession, max_batch: int):
         self.session, self.model = session, session.model
         self.routing: list = [None] * max_batch         # per row: its prefill routing (batch of one)
@@ -144,6 +142,8 @@ class AwakerRows:
         self.stacked = True  # False: this kernel set's plans are not stacked ones, re-plan instead
         self._batch = None  # the decode routing of the running rows (None: rebuild)
         self._batch_n = 0
+        if self.model.has_adapters:  # preallocated with the KV cache, not at the first request
+            self.slots = [self._layer_slots(layer, max_batch) for layer in self.model.model.layers]
 
     def prefill(self, batch, row, cache_pos, keep, caches):
         m = self.model
@@ -200,15 +200,6 @@ class AwakerRows:
                     self.stacked, self.slots = False, None
                     return
             rows.append(one)
-        if self.slots is None:
-            self.slots = []
-            for layer in self.model.model.layers:
-                mods = {"o_proj": layer.self_attn.o_proj, "gate_proj": layer.mlp.gate_proj,
-                        "up_proj": layer.mlp.up_proj, "down_proj": layer.mlp.down_proj}
-                self.slots.append({
-                    name: (mod.lora_A.new_zeros(len(self.routing), self._rank(mod), mod.in_features),
-                           mod.lora_A.new_zeros(len(self.routing), self._rank(mod), mod.out_features))
-                    for name, mod in mods.items()})
         for layer, one in zip(self.slots, rows):
             for name, (A, Bt) in one.items():
                 bufA, bufB = layer[name]
@@ -219,9 +210,17 @@ class AwakerRows:
                 bufB[row, r:].zero_()
 
     @staticmethod
-    def _rank(mod) -> int:
-        x, r, _ = mod.lora_A.shape
-        return r if x == 1 else 2 * r
+    def _layer_slots(layer, max_batch: int) -> dict:
+        """{linear: (A [max_batch, R, in], Bt [max_batch, R, out])}, R = 2r (r for plain LoRA)."""
+        mods = {"o_proj": layer.self_attn.o_proj, "gate_proj": layer.mlp.gate_proj,
+                "up_proj": layer.mlp.up_proj, "down_proj": layer.mlp.down_proj}
+        out = {}
+        for name, mod in mods.items():
+            x, r, _ = mod.lora_A.shape
+            rank = r if x == 1 else 2 * r
+            out[name] = (mod.lora_A.new_zeros(max_batch, rank, mod.in_features),
+                         mod.lora_A.new_zeros(max_batch, rank, mod.out_features))
+        return out
 
     def _decode_routing(self, n: int):
         if self.decode_routing[0] is None:

@@ -157,7 +157,7 @@ class MoeLlavaRows:
 
     def decode(self, tokens, pos, cache_pos, keep, caches, n):
         counts = {layer: c[:n] for layer, c in self.counts.items()}
-        real = torch.ones(n, 1, dtype=torch.bool, device=tokens.device)
+        real = answer_tokens(tokens, self.session.eos_token_ids, self.session.pad_token_id)[:, None]
         return self._run(self.model.embed(tokens[:, None]), pos[:, None], cache_pos, keep, caches, counts, real)
 
     def move(self, src: int, dst: int) -> None:
