@@ -179,7 +179,8 @@ def wait_ready(url: str, proc, timeout: float) -> None:
     raise TimeoutError(f"the server was not ready within {timeout} s")
 
 
-def bench_config(config: str, levels, requests, max_tokens: int, max_batch: int, max_queue: int) -> dict:
+def bench_config(config: str, levels, requests, max_tokens: int, max_batch: int, max_queue: int,
+                 repeat_last: int = 0) -> dict:
     from moevl.model.tiny import DEMO_IMAGE
 
     image_url = "data:image/png;base64," + base64.b64encode(DEMO_IMAGE.read_bytes()).decode()
@@ -201,6 +202,11 @@ def bench_config(config: str, levels, requests, max_tokens: int, max_batch: int,
                   f"TTFT p50 {r['ttft_p50_ms']:.0f} ms, errors {r['errors']}", flush=True)
             out.append(r)
         rss_after = rss_mb(proc.pid)
+        repeats = []  # the last level again: does the RSS keep growing, or was it the first taste of that load?
+        for _ in range(repeat_last):
+            r = asyncio.run(run_level(url, config, levels[-1], requests[-1], image_url, max_tokens))
+            repeats.append({"requests": r["requests"], "errors": r["errors"],
+                            "output_tokens_per_s": r["output_tokens_per_s"], "server_rss_mb_after": rss_mb(proc.pid)})
     finally:
         proc.terminate()
         proc.wait(60)
@@ -209,6 +215,7 @@ def bench_config(config: str, levels, requests, max_tokens: int, max_batch: int,
     speedup = (sixteen["output_tokens_per_s"] / one["output_tokens_per_s"]) if one and sixteen else None
     return {"levels": out, "server_rss_mb_before": round(rss_before, 1), "server_rss_mb_after": round(rss_after, 1),
             "requests_total": sum(r["requests"] for r in out), "speedup_16_vs_1": speedup,
+            "repeats_of_last_level": repeats,
             "max_tokens": max_tokens, "max_batch": max_batch, "max_queue": max_queue}
 
 
@@ -229,6 +236,9 @@ def markdown(payload) -> str:
             lines.append(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} | "
                          f"{r['output_tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
                          f"{r['e2e_p50_ms']:.0f} / {r['e2e_p99_ms']:.0f} | {r.get('server_rss_mb_after', float('nan')):.0f} |")
+        for k, r in enumerate(res.get("repeats_of_last_level", [])):
+            lines += ["", f"Last level again (repeat {k + 1}): {r['requests']} requests, {r['errors']} errors, "
+                          f"{r['output_tokens_per_s']:.1f} tok/s, server RSS after {r['server_rss_mb_after']:.0f} MB."]
         if res["speedup_16_vs_1"]:
             lines += ["", f"Output tokens/s at 16 clients = {res['speedup_16_vs_1']:.1f}x one client."]
         lines.append("")
@@ -263,6 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default tiny 32, 7b 16)")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-queue", type=int, default=128)
+    ap.add_argument("--repeat-last", type=int, default=None,
+                    help="run the last level again this many times, RSS after each (default tiny 2, 7b 0)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--serve-config", default=None, help=argparse.SUPPRESS)  # the server subprocess
     ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
@@ -298,8 +310,9 @@ def main(argv=None) -> int:
         requests = [int(x) for x in (args.requests or default_requests).split(",")]
         max_tokens = args.max_tokens or (32 if config == "tiny" else 16)
         name = ("awaker-tiny" if config == "tiny" else "awaker 7B width, 2 layers") + f", {max_tokens}-token answers"
+        repeat = args.repeat_last if args.repeat_last is not None else (2 if config == "tiny" else 0)
         payload["configs"][name] = bench_config(config, levels, requests, max_tokens, args.max_batch,
-                                                args.max_queue)
+                                                args.max_queue, repeat)
         payload["configs"][name]["torch_threads"] = torch.get_num_threads()
         out.mkdir(parents=True, exist_ok=True)
         previous.write_text(json.dumps(payload, indent=2))  # what is measured is kept, whatever happens next

@@ -60,6 +60,9 @@ class BuildPlan:
 
 
 # --------------------------------------------------------------------------------------------------- configs
+# the two defaults this module builds (names of builds, not of families)
+BUILDS = ("awaker", "moellava")
+
 def awaker_config():
     """The trained awaker-tiny: the full Awaker structure (M-RoPE decoder, Qwen2-VL tower + merger; 4 task experts +
     the global expert on o/gate/up/down after stage 2) at toy width."""
@@ -132,7 +135,9 @@ def random_checkpoint(family: str, cfg, assets: Path, out: Path, seed: int) -> P
     """The from-scratch starting point: deterministic random weights in the kit's format."""
     from moevl.model.checkpoint import save
 
-    if family == "awaker":
+    from moevl.model.awaker.config import AwakerConfig
+
+    if isinstance(cfg, AwakerConfig):
         from moevl.model.awaker.network import AwakerModel
         from moevl.model.awaker.tiny import init_random_weights
 
@@ -195,7 +200,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         return dest
 
     finals = {}
-    if "awaker" in models:
+    if BUILDS[0] in models:  # awaker
         a = out / "awaker"
         init = a / "init"
         if not (init / "moevl_config.json").is_file():
@@ -320,7 +325,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    bad = [m for m in models if m not in ("awaker", "moellava")]
+    bad = [m for m in models if m not in BUILDS]
     if bad:
         print(f"--models: unknown {bad}; choose awaker, moellava", file=sys.stderr)
         return 2

@@ -18,6 +18,18 @@ from moevl.model.session import attention_keep
 IGNORE = -100  # label of the positions that are not scored
 
 
+# What a network can do decides how it is trained; the family's name is not compared here (moevl.model.family is
+# the one place that maps names to families).
+def routes_per_request(model) -> bool:
+    """Awaker's LoRA-MoE: routers fed once per request from the prompt (stages 1-3 of its recipe)."""
+    return hasattr(model, "route")
+
+
+def has_moe_layers(model) -> bool:
+    """MoE-LLaVA's network: top-k FFN experts routed per token (MoE-tuning, the load-balancing loss)."""
+    return hasattr(model, "moe_layer_indices")
+
+
 @dataclasses.dataclass
 class Record:
     """One question about one image."""
@@ -43,7 +55,7 @@ def read_records(path: str | Path) -> list[Record]:
 # ----------------------------------------------------------------------------------------------- batches
 def answer_ids(family: str, tokenizer, cfg, answer: str) -> list[int]:
     """The tokens the model must generate for ``answer``, with the token that ends its turn."""
-    if family == "awaker":
+    if hasattr(cfg, "im_end_token_id"):  # Qwen2-VL's chat template: the turn ends with <|im_end|>
         return tokenizer(answer, add_special_tokens=False)["input_ids"] + [cfg.im_end_token_id]
     # MoE-LLaVA's template: "... ASSISTANT: {answer}<|endoftext|>"
     return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [cfg.eos_token_ids[0]]
@@ -56,7 +68,7 @@ def make_batch(family: str, processor, records: list[Record]):
     pb = processor(prompts, [[r.image] for r in records])
     answers = [answer_ids(family, processor.tokenizer, cfg, r.answer) for r in records]
     seqs = [row[mask.bool()].tolist() + ans for row, mask, ans in zip(pb.input_ids, pb.attention_mask, answers)]
-    if family == "awaker":
+    if hasattr(pb, "grid_thw"):  # Qwen2-VL's processor: patches + grids
         from moevl.model.awaker.inputs import collate
 
         grids = [tuple(g) for g in pb.grid_thw.tolist()]
@@ -83,7 +95,7 @@ def forward(family: str, model, batch) -> ForwardOut:
     """The network over whole sequences (no KV cache), as inference's prefill computes them."""
     length = batch.input_ids.shape[1]
     keep = attention_keep(batch.attention_mask.bool(), torch.arange(length, device=batch.input_ids.device))
-    if family == "awaker":
+    if routes_per_request(model):
         from moevl.model.awaker.inputs import pooled_prompt
 
         feats = None

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from moevl.model.checkpoint import CHECKPOINT, check_output_folder
-from moevl.train.examples import read_records
+from moevl.train.examples import has_moe_layers, read_records, routes_per_request
 from moevl.train.loop import LOSS_LOG, LOSS_PLOT, TrainSettings, train
 
 STAGES = ("0", "1", "2", "3", "moe")
@@ -74,7 +74,7 @@ def run_stage(model: str | Path, data: str | Path, stage: str, out: str | Path, 
     if stage == "0":
         params = dict(m.named_parameters())
     elif stage == "1":
-        _need(family == "awaker", f"--stage 1 is Awaker's recipe; {model} is a {family} model (use --stage moe)")
+        _need(routes_per_request(m), f"--stage 1 is Awaker's recipe; {model} is a {family} model (use --stage moe)")
         _need(not m.has_adapters, f"{model} already has LoRA-MoE adapters: stage 1 starts from a base without them "
                                   "(use --stage 3 to fine-tune the experts)")
         from moevl.train import peft_interop
@@ -82,15 +82,15 @@ def run_stage(model: str | Path, data: str | Path, stage: str, out: str | Path, 
         peft_model = peft_interop.wrap(m, peft_interop.lora_config(options.lora_rank, options.lora_alpha))
         params = {n: p for n, p in m.named_parameters() if "lora_" in n}
     elif stage == "2":
-        _need(family == "awaker", f"--stage 2 is Awaker's recipe; {model} is a {family} model")
+        _need(routes_per_request(m), f"--stage 2 is Awaker's recipe; {model} is a {family} model")
         m = experts_from_lora(m, Path(model) / PEFT_FOLDER, options)
         params = {n: p for n, p in m.named_parameters() if n.endswith(("lora_A", "lora_B")) or ".router." in n}
     elif stage == "3":
-        _need(family == "awaker", f"--stage 3 is Awaker's recipe; {model} is a {family} model")
+        _need(routes_per_request(m), f"--stage 3 is Awaker's recipe; {model} is a {family} model")
         _need(m.has_adapters, f"{model} has no LoRA-MoE experts: run --stage 2 first")
         params = {n: p for n, p in m.named_parameters() if n.endswith(("lora_A", "lora_B"))}
     else:
-        _need(family == "moe-llava", f"--stage moe is MoE-LLaVA's MoE-tuning; {model} is a {family} model")
+        _need(has_moe_layers(m), f"--stage moe is MoE-LLaVA's MoE-tuning; {model} is a {family} model")
         m = moe_from_dense(m, options)
         params = {n: p for n, p in m.named_parameters() if n.startswith("model.layers.") and ".mlp." in n}
     m.set_kernels(training_kernels())
@@ -137,7 +137,7 @@ def training_kernels():
 
 def save_model(family: str, model, processor, out: Path, force: bool, extras: dict) -> Path:
     model = model.to("cpu")
-    if family == "moe-llava":
+    if has_moe_layers(model):
         from moevl.model.moe_llava.checkpoint import save_moe_llava
 
         return save_moe_llava(model, processor, out, overwrite=force, extra_files=extras)
