@@ -242,8 +242,12 @@ def test_a_full_queue_is_a_429_with_retry_after_and_a_disconnect_frees_the_row(o
 def test_a_non_streaming_client_that_goes_away_frees_its_row(one_row):
     aborted = metric(one_row.url, "moevl_requests_aborted_total")
     c = openai.OpenAI(base_url=one_row.url + "/v1", api_key="-", max_retries=0, timeout=1.0)
-    with pytest.raises(openai.APITimeoutError):  # the client gives up after 1 s and closes the connection
-        c.chat.completions.create(model=MODEL, messages=user("tell me everything"), max_tokens=900)
+    try:  # the client gives up after 1 s and closes the connection
+        done = c.chat.completions.create(model=MODEL, messages=user("tell me everything"), max_tokens=900)
+    except openai.APITimeoutError:
+        pass
+    else:  # the random tiny model can end its answer (eos) within the second: nothing was left to drop
+        pytest.skip(f"the answer ended ({done.choices[0].finish_reason}) before the client gave up")
     deadline = time.monotonic() + 30
     while metric(one_row.url, "moevl_num_requests_running") > 0 and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -57,6 +57,11 @@ def test_committed_defaults_answer_the_fixed_sample(preset, tmp_path):
 
 
 def test_demo_questions_are_about_the_bundled_image():
+    from moevl.model.tiny import DEMO_QUESTIONS
+
+    if not DEMO_QUESTIONS.is_file():
+        pytest.skip("no demo questions yet: they are written with the trained defaults "
+                    "(python -m moevl.train.defaults --install)")
     qs = demo_questions()
     assert {q["task"] for q in qs} >= {"count", "caption"}
     assert all(q["question"] and q["answer"] for q in qs)
