@@ -222,3 +222,5 @@ def test_cli_bad_data_is_one_line_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "bad.json" in err
     assert not (tmp_path / "out").exists()
+
+from tests.train_fixtures import _no_npu_accelerator_leak  # noqa: E402,F401  (autouse)

@@ -83,3 +83,5 @@ def test_a_folder_that_is_not_an_adapter_is_named(tmp_path, hf_folder):
     model, _ = load_awaker(hf_folder, CPU)
     with pytest.raises(ValueError, match="not a peft adapter folder"):
         apply_adapter(model, tmp_path)
+
+from tests.train_fixtures import _no_npu_accelerator_leak  # noqa: E402,F401  (autouse)

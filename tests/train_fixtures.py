@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from moevl.model.awaker.config import AdapterConfig, awaker_tiny
 from moevl.model.awaker.tiny import TINY_TOKENIZER
 from moevl.model.checkpoint import save
@@ -39,3 +41,21 @@ def shapes(folder: Path, n: int = 8, seed: int = 3) -> Path:
     from moevl.train.data import make_shapes
 
     return make_shapes(folder, n, seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_npu_accelerator_leak():
+    """test_device's fake NPU renames PyTorch's PrivateUse1 backend to "npu" for the whole process, after which
+    torch.accelerator (which every optimizer step asks) looks up a torch.npu that no longer exists. Training tests
+    run on the CPU: give that lookup a module that says no NPU is available (module scope: before the modules'
+    training fixtures run)."""
+    import types
+
+    import torch
+
+    added = torch._C._get_privateuse1_backend_name() == "npu" and not hasattr(torch, "npu")
+    if added:
+        torch.npu = types.SimpleNamespace(is_available=lambda: False, device_count=lambda: 0)
+    yield
+    if added:
+        del torch.npu

@@ -45,13 +45,13 @@ class BuildPlan:
     validation: int = 1000        # per task and language: 5 x 2 x 1000 = 10000 records, another seed
     batch: int = 16
     steps: dict = dataclasses.field(default_factory=lambda: {
-        "awaker.0": 3000, "awaker.0b": 2000, "awaker.1": 600, "awaker.2": 300, "awaker.3": 300,
+        "awaker.0": 3000, "awaker.0b": 2000, "awaker.1": 1500, "awaker.2": 600, "awaker.3": 600,
         "moellava.0": 3000, "moellava.0b": 2000, "moellava.0mix": 600, "moellava.moe": 400})
     lr: dict = dataclasses.field(default_factory=lambda: {
-        "awaker.0": 3e-3, "awaker.0b": 1.5e-3, "awaker.1": 2e-3, "awaker.2": 1e-3, "awaker.3": 1e-3,
+        "awaker.0": 3e-3, "awaker.0b": 1.5e-3, "awaker.1": 3e-3, "awaker.2": 1.5e-3, "awaker.3": 1.5e-3,
         "moellava.0": 3e-3, "moellava.0b": 1.5e-3, "moellava.0mix": 1e-3, "moellava.moe": 1e-3})
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
 
     @classmethod
     def smoke(cls) -> "BuildPlan":
