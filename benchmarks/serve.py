@@ -101,7 +101,8 @@ def request_body(model: str, i: int, image_url: str, max_tokens: int) -> dict:
     if i % 2 == 0:
         content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
     return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+            "ignore_eos": True}  # every answer max_tokens long, whatever the weights
 
 
 async def one_request(client, url, body):
@@ -221,11 +222,11 @@ def bench_config(config: str, levels, requests, max_tokens: int, max_batch: int,
 
 def markdown(payload) -> str:
     lines = ["# Serving benchmark (CPU)", "",
-             f"`{payload['environment']['command']}` — {payload['cpu']}; torch {payload['environment']['torch']}, "
+             f"{payload['cpu']}; torch {payload['environment']['torch']}, "
              f"{payload['environment']['threads']} threads. Measured under shared load (other jobs ran on this "
              "machine at the same time; the clients ran on the same cores as the server): a lower bound.", ""]
     for name, res in payload["configs"].items():
-        lines += [f"## {name}", "",
+        lines += [f"## {name}", "", f"`{res.get('command', payload['environment']['command'])}`", "",
                   f"max_tokens {res['max_tokens']}, --max-batch {res['max_batch']}, --max-queue {res['max_queue']}; "
                   f"server RSS {res['server_rss_mb_before']:.0f} MB before, {res['server_rss_mb_after']:.0f} MB "
                   f"after {res['requests_total']} requests.", "",
@@ -297,7 +298,11 @@ def main(argv=None) -> int:
                          "only speed is measured.", "No NPU or GPU figures: everything ran on this CPU.",
                          "`transformers serve` (transformers 5.24) is not compared: it loads Qwen2-VL through "
                          "AutoProcessor, whose Qwen2VLVideoProcessor requires torchvision, which is not installed "
-                         "beside the torch 2.13 CPU wheel here (ImportError at load)."]}
+                         "beside the torch 2.13 CPU wheel here (ImportError at load).",
+                         "A joining request is prefilled between decode steps (no chunked prefill): at 7B width each "
+                         "prefill stalls the running batch for seconds, so time to first token grows with the queue. "
+                         "Under this machine's shared load the same command has given up to 2x different figures "
+                         "from one run to the next."]}
     out = Path(args.out) if args.out else RESULTS
     previous = out / "serve-cpu.json"
     if previous.exists():  # keep the other config's figures from an earlier run
@@ -314,6 +319,7 @@ def main(argv=None) -> int:
         payload["configs"][name] = bench_config(config, levels, requests, max_tokens, args.max_batch,
                                                 args.max_queue, repeat)
         payload["configs"][name]["torch_threads"] = torch.get_num_threads()
+        payload["configs"][name]["command"] = env["command"]
         out.mkdir(parents=True, exist_ok=True)
         previous.write_text(json.dumps(payload, indent=2))  # what is measured is kept, whatever happens next
     j, m = write_results("serve", resolve_device("cpu", "fp32"), payload, markdown(payload), out)

@@ -146,7 +146,11 @@ class Server:
             config, _ = s.generation_config(max_new_tokens=max_new, **chat.sampling)
         except ValueError as e:
             raise bad(str(e)) from None
-        return EngineRequest(batch=batch, config=config, stop=chat.stop, events=None, prompt_tokens=n_prompt)
+        if chat.ignore_eos and not isinstance(sched, Scheduler):
+            raise bad("'ignore_eos' needs the torch backend (the exported graphs' loop stops at the end token)",
+                      "ignore_eos", "unsupported_parameter")
+        return EngineRequest(batch=batch, config=config, stop=chat.stop, events=None, prompt_tokens=n_prompt,
+                             ignore_eos=chat.ignore_eos)
 
 
 def create_app(cfg: ServerConfig | None = None, server: Server | None = None, load: bool = True,

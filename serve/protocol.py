@@ -41,7 +41,8 @@ NEUTRAL = {"n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty"
 NOT_IMPLEMENTED = ("tools", "tool_choice", "functions", "function_call", "top_logprobs", "logit_bias", "audio",
                    "prediction", "web_search_options", "reasoning_effort", "response_format", "modalities")
 ACCEPTED = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-            "stream", "stream_options", "user", "metadata", "top_k", "repetition_penalty", "service_tier")
+            "stream", "stream_options", "user", "metadata", "top_k", "repetition_penalty", "service_tier",
+            "ignore_eos")
 MAX_STOP = 4
 MAX_IMAGE_BYTES = 20 * 2**20
 
@@ -57,6 +58,7 @@ class ChatRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False       # (vLLM's extension) generate max_tokens tokens whatever the model says
 
 
 def parse_chat_request(body, allowed_media_dir: Path | None) -> ChatRequest:
@@ -126,7 +128,11 @@ def parse_chat_request(body, allowed_media_dir: Path | None) -> ChatRequest:
         if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}:
             raise bad("'stream_options' may only hold 'include_usage'", "stream_options")
         include_usage = bool(opts.get("include_usage", False))
-    return ChatRequest(model, question, history, images, max_tokens, sampling, stop, stream, include_usage)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad("'ignore_eos' must be true or false", "ignore_eos")
+    return ChatRequest(model, question, history, images, max_tokens, sampling, stop, stream, include_usage,
+                       ignore_eos)
 
 
 def _is_int(x) -> bool:

@@ -42,6 +42,7 @@ class Request:
     created: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: bool = False
     done: str | None = None  # the finish reason once it is decided
+    ignore_eos: bool = False  # the end-of-sequence token is an ordinary token (benchmarks, tests)
     # filled in while it runs
     token_ids: list = dataclasses.field(default_factory=list)
     text: str = ""     # the text so far (stop strings cut off)
@@ -255,7 +256,7 @@ class Scheduler(_SchedulerBase):
             req.first_token_at = time.perf_counter()
             self.hooks.first_token(req.first_token_at - req.created)
         self._last[row] = tok
-        if tok in self.eos:
+        if tok in self.eos and not req.ignore_eos:
             req.done = "stop"
             return
         req.token_ids.append(tok)

@@ -19,6 +19,7 @@ from moevl.serve.app import Server, ServerConfig, ThreadedServer, create_app  # 
 
 KEY = "sk-test-key"
 MODEL = "tiny"
+LONG = {"ignore_eos": True}  # (extension) run to max_tokens whatever the model says: a request that stays busy
 
 
 def data_url(raw: bytes, kind="png") -> str:
@@ -163,6 +164,8 @@ def test_models_lists_the_served_name(client):
     (dict(messages=[{"role": "system", "content": "be brief"}, *user("x")]), "system"),
     (dict(messages=[]), "messages"),
     (dict(messages=user("x"), stream_options={"include_usage": True}), "stream_options"),
+    (dict(messages=user("x"), extra_body={"ignore_eos": "yes"}), "ignore_eos"),
+    (dict(messages=user("x"), extra_body={"best_of": 3}), "unknown field"),
 ])
 def test_bad_input_is_a_400_naming_the_problem(client, kwargs, names):
     with pytest.raises(openai.BadRequestError) as e:
@@ -199,7 +202,7 @@ def test_an_unknown_model_is_a_404(client):
 @pytest.fixture(scope="module")
 def one_row(session):
     """One batch row and no queue: a second request while one runs is refused."""
-    cfg = ServerConfig("awaker-tiny", max_batch=1, max_queue=0, max_context=1024, served_model_name=MODEL)
+    cfg = ServerConfig("awaker-tiny", max_batch=1, max_queue=0, max_context=2048, served_model_name=MODEL)
     with ThreadedServer(create_app(server=Server(cfg, session=session))) as srv:
         yield srv
 
@@ -219,7 +222,8 @@ def metric(url, name, **labels) -> float:
 def test_a_full_queue_is_a_429_with_retry_after_and_a_disconnect_frees_the_row(one_row):
     aborted = metric(one_row.url, "moevl_requests_aborted_total")
     c = openai.OpenAI(base_url=one_row.url + "/v1", api_key="-", max_retries=0, timeout=60)
-    long = c.chat.completions.create(model=MODEL, messages=user("tell me everything"), max_tokens=900, stream=True)
+    long = c.chat.completions.create(model=MODEL, messages=user("tell me everything"), max_tokens=1900, stream=True,
+                                     extra_body=LONG)
     next(iter(long))
     deadline = time.monotonic() + 30
     while metric(one_row.url, "moevl_num_requests_running") < 1 and time.monotonic() < deadline:
@@ -243,10 +247,11 @@ def test_a_non_streaming_client_that_goes_away_frees_its_row(one_row):
     aborted = metric(one_row.url, "moevl_requests_aborted_total")
     c = openai.OpenAI(base_url=one_row.url + "/v1", api_key="-", max_retries=0, timeout=1.0)
     try:  # the client gives up after 1 s and closes the connection
-        done = c.chat.completions.create(model=MODEL, messages=user("tell me everything"), max_tokens=900)
+        done = c.chat.completions.create(model=MODEL, messages=user("tell me everything"), max_tokens=1900,
+                                         extra_body=LONG)
     except openai.APITimeoutError:
         pass
-    else:  # the random tiny model can end its answer (eos) within the second: nothing was left to drop
+    else:  # a machine fast enough for 1,900 tokens within the second: nothing was left to drop
         pytest.skip(f"the answer ended ({done.choices[0].finish_reason}) before the client gave up")
     deadline = time.monotonic() + 30
     while metric(one_row.url, "moevl_num_requests_running") > 0 and time.monotonic() < deadline:
@@ -289,7 +294,8 @@ def test_shutdown_lets_a_running_request_finish(session):
     cfg = ServerConfig("awaker-tiny", max_batch=2, served_model_name=MODEL, max_context=512)
     srv = ThreadedServer(create_app(server=Server(cfg, session=session)), graceful_timeout=60).start()
     c = openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0, timeout=60)
-    stream = iter(c.chat.completions.create(model=MODEL, messages=user("go on"), max_tokens=300, stream=True))
+    stream = iter(c.chat.completions.create(model=MODEL, messages=user("go on"), max_tokens=300, stream=True,
+                                            extra_body=LONG))
     next(stream)
     stopper = threading.Thread(target=srv.stop)
     stopper.start()
@@ -341,6 +347,8 @@ def test_an_exported_onnx_folder_is_served_one_request_at_a_time(tmp_path):
 
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             assert list(pool.map(ask, range(3))) == expected
+        with pytest.raises(openai.BadRequestError, match="ignore_eos"):
+            c.chat.completions.create(model=MODEL, max_tokens=2, messages=user("x"), extra_body=LONG)
 
 
 def test_moevl_serve_starts_answers_and_exits_cleanly_on_sigterm(tmp_path):
@@ -369,7 +377,7 @@ def test_moevl_serve_starts_answers_and_exits_cleanly_on_sigterm(tmp_path):
                 time.sleep(0.2)
         c = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=60)
         stream = iter(c.chat.completions.create(model="awaker-tiny", messages=user("go on"), max_tokens=100,
-                                                stream=True))
+                                                stream=True, extra_body=LONG))
         next(stream)
         os.kill(proc.pid, signal.SIGTERM)
         reasons = [ch.choices[0].finish_reason for ch in stream if ch.choices]

@@ -116,3 +116,21 @@ def test_moellava_deepspeed_routing_is_refused_for_batching():
     session = moevl.load("moellava-tiny", device="cpu", moe_routing="deepspeed")
     with pytest.raises(NotImplementedError, match="deterministic"):
         session.batch_engine(2, max_len=64)
+
+
+def test_legacy_routing_keeps_each_requests_decode_routing_in_the_batch():
+    """--routing legacy: the prompt is routed with image features, the decode steps with plain embeddings; both
+    per request, in the batch as alone."""
+    session = moevl.load("awaker-tiny", device="cpu", dtype="fp32", routing="legacy")
+    requests = mixed_requests()[:6]
+    alone = {}
+    for i, (q, imgs, n) in enumerate(requests):
+        tokens = session.ask(q, images=imgs, max_new_tokens=n, temperature=0.0).token_ids[0]
+        alone[i] = (tokens, [d.to_dict() for d in session.routing_decisions()])
+    assert any(d["steps"] == "decode" for d in alone[0][1])
+    sched = Scheduler(session, max_batch=3, max_queue=8, max_len=256)
+    sched.start()
+    try:
+        assert run_concurrently(sched, session, requests) == alone
+    finally:
+        sched.stop(10)

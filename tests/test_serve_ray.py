@@ -61,7 +61,8 @@ def test_two_replicas_serve_through_rays_proxy_and_survive_losing_one(cluster):
         started, reason = False, None
         try:
             for chunk in client.chat.completions.create(
-                    model=MODEL, messages=[{"role": "user", "content": f"story {i}"}], max_tokens=300, stream=True):
+                    model=MODEL, messages=[{"role": "user", "content": f"story {i}"}], max_tokens=300, stream=True,
+                    extra_body={"ignore_eos": True}):
                 if chunk.choices and chunk.choices[0].delta.content:
                     started = True
                 if chunk.choices and chunk.choices[0].finish_reason:
