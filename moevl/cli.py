@@ -109,11 +109,19 @@ def answer_and_report(vl, args, backend: str = "torch") -> int:
           f"{', int8 decoder' if desc.get('quantize') else ''}{weights}; prompt {res.prompt_tokens[0]} tokens; "
           f"time to first token {res.ttft_ms:.1f} ms; decode {res.decode_tokens_per_s:.1f} tokens/s; "
           f"finish: {res.finish_reasons[0]}", file=sys.stderr)
-    for steps in dict.fromkeys(d.steps for d in decisions):  # in order: all | first token, decode
+    for line in routing_lines(decisions):
+        print(line, file=sys.stderr)
+    return 0
+
+
+def routing_lines(decisions) -> list[str]:
+    """One labelled line per kind of routing step (in order: all | first token, decode)."""
+    lines = []
+    for steps in dict.fromkeys(d.steps for d in decisions):
         line = ", ".join(d.summary() for d in decisions if d.steps == steps)
         what = {"all": "", "first token": " (first token)", "decode": " (decode steps)"}[steps]
-        print(f"{type(decisions[0]).title}{what}: {line}", file=sys.stderr)
-    return 0
+        lines.append(f"{type(decisions[0]).title}{what}: {line}")
+    return lines
 
 
 def cmd_run(args) -> int:
@@ -162,10 +170,9 @@ def demo_questions_and_routing(args, questions: list[dict]) -> int:
         res = vl.ask(q["question"], images=args.image, max_new_tokens=args.max_new_tokens or 40,
                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         expected = f"   (data set: {q['answer']})" if q.get("answer") is not None else ""
-        print(f"Q: {q['question']}\nA: {res.texts[0]}{expected}")
-        decisions = vl.routing_decisions()
-        if decisions:
-            print(f"   {type(decisions[0]).title}: " + ", ".join(d.summary() for d in decisions))
+        print(f"Q: {q['question']}\nA: {res.texts[0]}{expected}", flush=True)
+        for line in routing_lines(vl.routing_decisions()):  # on stderr, as `moevl run` prints them
+            print(f"   {line}", file=sys.stderr, flush=True)
     desc = vl.describe()
     print(f"--\nbackend torch ({desc['device']}, {desc['chip']}), dtype {vl.dtype_name}", file=sys.stderr)
     return 0

@@ -128,8 +128,8 @@ def test_bad_export_options(inputs, tmp_path, argv, word):
 ADVICE = [
     ("ort-device", ["--backend", "ort", "--model", "{d}/onnx", "--device", "npu:0"],
      ["--backend", "ort", "--model", "{d}/onnx", "--provider", "cpu"], "--provider cpu"),
-    ("prompt-over-context", ["--model", "awaker-tiny", "--max-context", "30"],
-     ["--model", "awaker-tiny", "--max-context", "64"], "raise --max-context"),
+    ("prompt-over-context", ["--model", "awaker-tiny-random", "--max-context", "30"],
+     ["--model", "awaker-tiny-random", "--max-context", "64"], "raise --max-context"),
     ("new-tokens-over-context", ["--model", "awaker-tiny", "--max-context", "40", "--max-new-tokens", "30"],
      ["--model", "awaker-tiny", "--max-context", "40", "--max-new-tokens", "3"], "lower --max-new-tokens"),
     ("310P-bf16", ["--model", "awaker-tiny", "--device", "npu-emulated:310P", "--dtype", "bf16"],

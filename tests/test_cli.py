@@ -24,7 +24,9 @@ def test_demo_json_has_the_promised_fields(capsys):
     for key in ("text", "token_ids", "ttft_ms", "decode_tokens_per_s", "device", "dtype", "routing"):
         assert key in d, key
     assert 1 <= len(d["token_ids"]) <= 5 and d["device"]["kind"] == "cpu" and d["dtype"] == "fp32"
-    assert len(d["routing"]) == 4 and {r["router"] for r in d["routing"]} == {"attn", "mlp"}
+    layers = {r["layer"] for r in d["routing"]}  # two routers per decoder layer of the preset
+    assert layers == set(range(len(layers))) and len(d["routing"]) == 2 * len(layers)
+    assert {r["router"] for r in d["routing"]} == {"attn", "mlp"}
 
 
 def test_run_is_deterministic_and_greedy_matches_the_api(capsys):
@@ -41,8 +43,23 @@ def test_run_is_deterministic_and_greedy_matches_the_api(capsys):
 
 
 def test_streaming_text_output(capsys):
+    from moevl.model.tiny import trained_default
+
+    code, out, err = run_cli(capsys, "demo", "--device", "cpu", "--max-new-tokens", "4", "--prompt", "Describe the image.")
+    banner = "TOY model trained on synthetic shapes" if trained_default("awaker-tiny") else "RANDOM weights"
+    assert code == 0 and banner in err and "time to first token" in err and "routing:" in err
+
+
+def test_demo_asks_its_questions_about_the_bundled_image(capsys):
+    from moevl.model.tiny import demo_questions, trained_default
+
+    if trained_default("awaker-tiny") is None:
+        pytest.skip("the trained awaker-tiny is not installed (python -m moevl.train.defaults --install)")
     code, out, err = run_cli(capsys, "demo", "--device", "cpu", "--max-new-tokens", "4")
-    assert code == 0 and "RANDOM weights" in err and "time to first token" in err and "routing:" in err
+    questions = demo_questions()
+    assert code == 0 and "TOY model" in err
+    assert [line[3:] for line in out.splitlines() if line.startswith("Q: ")] == [q["question"] for q in questions]
+    assert err.count("   routing: L0.attn: e") == len(questions)
 
 
 @pytest.mark.parametrize("argv, message", [

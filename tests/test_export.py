@@ -32,13 +32,13 @@ QUIET = dict(log=lambda *a: None)
 
 @pytest.fixture(scope="module")
 def torch_session():
-    return load("awaker-tiny", device="cpu")
+    return load("awaker-tiny-random", device="cpu")
 
 
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory, torch_session):
     out = tmp_path_factory.mktemp("export") / "awaker-tiny-onnx"
-    return export_onnx("awaker-tiny", out, session=torch_session, **QUIET)
+    return export_onnx("awaker-tiny-random", out, session=torch_session, **QUIET)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_text_only_ask_matches_pytorch_through_model_generate(torch_session, ort
 
 
 def test_fp16_export_validates_within_its_tolerance(tmp_path, torch_session):
-    out = export_onnx("awaker-tiny", tmp_path / "fp16", dtype="fp16", **QUIET)
+    out = export_onnx("awaker-tiny-random", tmp_path / "fp16", dtype="fp16", **QUIET)
     c = read_contract(out)
     assert c["dtype"] == "fp16" and c["graphs"]["decoder"]["inputs"][0]["dtype"] == "float16"
     assert all(e["max_rel"] <= TOLERANCE["fp16"] for e in c["validation"]["graphs"].values())
@@ -142,7 +142,7 @@ def test_failing_validation_leaves_no_folder(tmp_path, torch_session, monkeypatc
 
     monkeypatch.setattr(moevl.export.validate, "validate_export", fail)
     with pytest.raises(ValidationError):
-        export_onnx("awaker-tiny", tmp_path / "out", session=torch_session, **QUIET)
+        export_onnx("awaker-tiny-random", tmp_path / "out", session=torch_session, **QUIET)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -158,7 +158,7 @@ def test_interrupted_export_leaves_no_folder(tmp_path, torch_session, monkeypatc
 
     monkeypatch.setattr(ex, "_export_graph", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export_onnx("awaker-tiny", tmp_path / "out", session=torch_session, validate=False, **QUIET)
+        export_onnx("awaker-tiny-random", tmp_path / "out", session=torch_session, validate=False, **QUIET)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -168,12 +168,12 @@ def test_existing_out_is_refused_and_force_replaces_only_an_export(tmp_path, tor
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--force"):
-        export_onnx("awaker-tiny", out, session=torch_session, validate=False, **QUIET)
+        export_onnx("awaker-tiny-random", out, session=torch_session, validate=False, **QUIET)
     with pytest.raises(FileExistsError, match="not a moevl ONNX export"):
-        export_onnx("awaker-tiny", out, session=torch_session, validate=False, force=True, **QUIET)
+        export_onnx("awaker-tiny-random", out, session=torch_session, validate=False, force=True, **QUIET)
     assert (out / "keep.txt").read_text() == "mine"
-    ours = export_onnx("awaker-tiny", tmp_path / "ours", session=torch_session, validate=False, **QUIET)
-    export_onnx("awaker-tiny", ours, session=torch_session, validate=False, force=True, **QUIET)
+    ours = export_onnx("awaker-tiny-random", tmp_path / "ours", session=torch_session, validate=False, **QUIET)
+    export_onnx("awaker-tiny-random", ours, session=torch_session, validate=False, force=True, **QUIET)
     assert (ours / CONTRACT).is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out"]
 
 

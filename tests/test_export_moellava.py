@@ -27,13 +27,13 @@ QUIET = dict(log=lambda *a: None)
 
 @pytest.fixture(scope="module")
 def torch_session():
-    return load("moellava-tiny", device="cpu")
+    return load("moellava-tiny-random", device="cpu")
 
 
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory, torch_session):
     out = tmp_path_factory.mktemp("export") / "moellava-tiny-onnx"
-    return export_onnx("moellava-tiny", out, session=torch_session, **QUIET)
+    return export_onnx("moellava-tiny-random", out, session=torch_session, **QUIET)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_sampled_ask_matches_pytorch_through_model_generate(torch_session, onnx_
 
 
 def test_fp16_export_validates_within_its_tolerance(tmp_path):
-    out = export_onnx("moellava-tiny", tmp_path / "fp16", dtype="fp16", validate_tokens=4, **QUIET)
+    out = export_onnx("moellava-tiny-random", tmp_path / "fp16", dtype="fp16", validate_tokens=4, **QUIET)
     c = read_contract(out)
     assert c["dtype"] == "fp16" and c["graphs"]["decoder"]["inputs"][0]["dtype"] == "float16"
     assert all(e["max_rel"] <= TOLERANCE["fp16"] for e in c["validation"]["graphs"].values())
@@ -140,7 +140,7 @@ def test_stablelm_siglip_checkpoint_folder_exports_and_runs_without_its_tower_fo
 
 def test_deepspeed_routing_is_refused_and_leaves_no_folder(tmp_path):
     with pytest.raises(ExportError, match="deterministic"):
-        export_onnx("moellava-tiny", tmp_path / "out", moe_routing="deepspeed", **QUIET)
+        export_onnx("moellava-tiny-random", tmp_path / "out", moe_routing="deepspeed", **QUIET)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -148,7 +148,7 @@ def test_cli_run_backend_ort_gives_the_torch_answer(onnx_dir, capsys):
     from moevl.cli import main
 
     args = ["run", "--image", str(DEMO_IMAGE), "--max-new-tokens", "5", "--json"]
-    assert main(args + ["--model", "moellava-tiny", "--device", "cpu"]) == 0
+    assert main(args + ["--model", "moellava-tiny-random", "--device", "cpu"]) == 0
     want = json.loads(capsys.readouterr().out)
     assert main(args + ["--backend", "ort", "--model", str(onnx_dir)]) == 0
     got = json.loads(capsys.readouterr().out)

@@ -120,7 +120,7 @@ def test_gradient_flows_to_the_input_through_a_quantised_weight():
 # ------------------------------------------------------------------------------------------------- models
 @pytest.fixture(scope="module")
 def fp32_session():
-    return moevl.load("awaker-tiny", device="cpu", dtype="fp32")
+    return moevl.load("awaker-tiny-random", device="cpu", dtype="fp32")
 
 
 @pytest.mark.parametrize("mode,group,tol", [("int8", None, 0.03), ("int4", 32, 0.35)])
@@ -129,9 +129,9 @@ def test_a_quantised_tiny_model_stays_close_to_fp32_and_routes_the_same(fp32_ses
     model run as dequantise-then-matmul in fp32 (the oracle), and within ``tol`` of the fp32 model (stated: the
     tiny model's random weights make int4's 16 levels per group cost ~20%); every routing decision unchanged."""
     base = fp32_session
-    q = moevl.load("awaker-tiny", device="cpu", dtype="fp32")
+    q = moevl.load("awaker-tiny-random", device="cpu", dtype="fp32")
     quant.quantize_model(q.model, mode, group_size=group or quant.GROUP_SIZE)
-    oracle = moevl.load("awaker-tiny", device="cpu", dtype="fp32")
+    oracle = moevl.load("awaker-tiny-random", device="cpu", dtype="fp32")
     quant.quantize_model(oracle.model, mode, group_size=group or quant.GROUP_SIZE)  # unbound: the reference
     moevl.place(q.model, q.device)
     assert len(quant.quantized_weights(q.model)) == 15  # q/k/v/o/gate/up/down x 2 layers + lm_head
@@ -164,7 +164,7 @@ def _next_token_logits(session, prompt):
 
 
 def test_quantised_weights_are_used_by_the_lora_moe_linears(fp32_session):
-    q = moevl.load("awaker-tiny", device="cpu", dtype="fp32", quantize="int8")
+    q = moevl.load("awaker-tiny-random", device="cpu", dtype="fp32", quantize="int8")
     mlp = q.model.model.layers[0].mlp
     assert isinstance(mlp.gate_proj.weight, quant.Int8Weight) and mlp.gate_proj.num_lora  # experts kept
     assert mlp.gate_proj.lora_A.dtype == torch.float32  # adapters stay in the compute dtype
@@ -179,7 +179,7 @@ def test_moevl_quantize_saves_packed_weights_that_load_without_fp32_weights(tmp_
 
     from moevl.quantize import quantize_folder
 
-    out = quantize_folder("awaker-tiny", tmp_path / "q4", "int4", group_size=32, log=lambda m: None)
+    out = quantize_folder("awaker-tiny-random", tmp_path / "q4", "int4", group_size=32, log=lambda m: None)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
         dtypes = {k: f.get_tensor(k).dtype for k in keys if k.startswith("model.layers.0.mlp.up_proj.weight")}
@@ -188,7 +188,7 @@ def test_moevl_quantize_saves_packed_weights_that_load_without_fp32_weights(tmp_
     assert "model.layers.0.mlp.up_proj.lora_A" in keys  # the experts, in the compute dtype
     assert json.loads((out / "quantization.json").read_text())["mode"] == "int4"
 
-    direct = moevl.load("awaker-tiny", device="cpu", dtype="fp32")
+    direct = moevl.load("awaker-tiny-random", device="cpu", dtype="fp32")
     quant.quantize_model(direct.model, "int4", group_size=32)
     moevl.place(direct.model, direct.device)
     loaded = moevl.load(str(out), device="cpu", dtype="fp32")
@@ -202,7 +202,7 @@ def test_moevl_quantize_saves_packed_weights_that_load_without_fp32_weights(tmp_
 def test_loading_a_quantised_folder_with_another_mode_is_refused(tmp_path):
     from moevl.quantize import quantize_folder
 
-    out = quantize_folder("awaker-tiny", tmp_path / "q8", "int8", log=lambda m: None)
+    out = quantize_folder("awaker-tiny-random", tmp_path / "q8", "int8", log=lambda m: None)
     with pytest.raises(ValueError, match="already quantised to int8"):
         moevl.load(str(out), device="cpu", quantize="int4")
 
@@ -214,8 +214,8 @@ def _cli(*args):
 
 @pytest.mark.parametrize("args,needle", [
     (("quantize", "--model", "no/such/folder", "--out", "OUT", "--int8"), "neither a preset"),
-    (("quantize", "--model", "awaker-tiny", "--out", "OUT", "--int4", "--group-size", "7"), "even group size"),
-    (("run", "--model", "awaker-tiny", "--device", "cpu", "--quantize", "int3"), "invalid choice"),
+    (("quantize", "--model", "awaker-tiny-random", "--out", "OUT", "--int4", "--group-size", "7"), "even group size"),
+    (("run", "--model", "awaker-tiny-random", "--device", "cpu", "--quantize", "int3"), "invalid choice"),
 ])
 def test_bad_quantisation_input_is_one_line_and_exit_2(tmp_path, args, needle):
     args = tuple(str(tmp_path / "out") if a == "OUT" else a for a in args)
@@ -241,7 +241,7 @@ def test_onednn_packed_weight_matches_f_linear(shape, dtype, tol):
 
 
 def test_the_packed_layout_is_a_plain_weight_to_the_outside(fp32_session):
-    q = moevl.load("awaker-tiny", device="cpu", dtype="fp32")
+    q = moevl.load("awaker-tiny-random", device="cpu", dtype="fp32")
     assert quant.choose_dense_layouts(q.model) == {}  # "auto": small weights are never timed nor packed
     before = {k: v.clone() for k, v in q.model.state_dict().items()}
     chosen = quant.choose_dense_layouts(q.model, "onednn")
@@ -260,11 +260,11 @@ def test_the_packed_layout_is_a_plain_weight_to_the_outside(fp32_session):
 def test_a_quantised_model_is_not_exported_and_a_packed_one_is_traced_plain(tmp_path):
     from moevl.export.onnx import ExportError, export_onnx
 
-    q = moevl.load("awaker-tiny", device="cpu", dtype="fp32", quantize="int8")
+    q = moevl.load("awaker-tiny-random", device="cpu", dtype="fp32", quantize="int8")
     with pytest.raises(ExportError, match="cannot be exported"):
-        export_onnx("awaker-tiny", tmp_path / "onnx", session=q, validate=False, log=lambda m: None)
+        export_onnx("awaker-tiny-random", tmp_path / "onnx", session=q, validate=False, log=lambda m: None)
     assert not (tmp_path / "onnx").exists()
-    packed = moevl.load("awaker-tiny", device="cpu", dtype="fp32")
+    packed = moevl.load("awaker-tiny-random", device="cpu", dtype="fp32")
     quant.choose_dense_layouts(packed.model, "onednn")
     quant.restore_dense(packed.model)
     assert not [m for m in packed.model.modules() if isinstance(m, quant.QuantizedWeight)]

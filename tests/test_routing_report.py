@@ -46,8 +46,8 @@ def test_moe_llava_reports_the_busiest_experts_share_not_a_probability():
 
 
 def test_cli_labels_each_routing_line():
-    out = subprocess.run([sys.executable, "-m", "moevl.cli", "demo", "--routing", "legacy", "--max-new-tokens", "2"],
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "moevl.cli", "demo", "--routing", "legacy", "--max-new-tokens", "2",
+                          "--prompt", "Describe the image."], capture_output=True, text=True)  # one question
     lines = [x for x in out.stderr.splitlines() if x.startswith("routing")]
     assert [x.split(":")[0] for x in lines] == ["routing (first token)", "routing (decode steps)"]
     out = subprocess.run([sys.executable, "-m", "moevl.cli", "demo", "--family", "moe-llava", "--max-new-tokens",
@@ -61,12 +61,12 @@ def test_cli_labels_each_routing_line():
 def test_moe_llava_counts_only_the_tokens_of_each_answer_in_a_batch():
     """A request that finished early is fed pad tokens while the batch goes on: they are not its routing."""
     vl = moevl.load("moellava-tiny", device="cpu")
-    questions = ["Describe the image.", "How many shapes are there?"]
+    questions = ["Describe the image.", "描述这张图片。"]  # two long answers (the trained default), no shared tokens
     first = vl.ask(questions[0], images=[DEMO_IMAGE], max_new_tokens=6).token_ids[0]
-    other = vl.ask(questions[1], max_new_tokens=6).token_ids[0]
+    other = vl.ask(questions[1], images=[DEMO_IMAGE], max_new_tokens=6).token_ids[0]
     k = next(i for i in range(1, 6) if first[i] not in other and first[i] not in first[:i])
     vl.eos_token_ids = set(vl.eos_token_ids) | {first[k]}  # the first request now ends after k tokens
-    res = vl.ask(questions, images=[[DEMO_IMAGE], []], max_new_tokens=6)
+    res = vl.ask(questions, images=[[DEMO_IMAGE], [DEMO_IMAGE]], max_new_tokens=6)
     assert res.finish_reasons == ["eos", "length"] and len(res.token_ids[0]) == k
     counts = [torch.tensor(d.counts) for d in vl.routing_decisions()]
     for c in counts:  # top-2: two slots per prompt token and per answer token fed to a decode step

@@ -42,13 +42,13 @@ def media(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def session():
-    return moevl.load("awaker-tiny", device="cpu", dtype="fp32")
+def session():  # the random-weights structure (2 layers): the built-in awaker-tiny is trained now
+    return moevl.load("awaker-tiny-random", device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="module")
 def server(session, media):
-    cfg = ServerConfig("awaker-tiny", max_batch=4, max_queue=32, max_context=256, api_key=KEY,
+    cfg = ServerConfig("awaker-tiny-random", max_batch=4, max_queue=32, max_context=256, api_key=KEY,
                        allowed_media_dir=str(media), served_model_name=MODEL)
     with ThreadedServer(create_app(server=Server(cfg, session=session))) as srv:
         yield srv

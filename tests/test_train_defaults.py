@@ -83,6 +83,6 @@ def test_installed_defaults_are_what_the_presets_and_the_demo_run(smoke, tmp_pat
     out, err = capsys.readouterr()
     assert "TOY model trained on synthetic shapes" in err and "RANDOM" not in err
     questions = demo_questions()
-    assert out.count("Q: ") == len(questions) and out.count("routing: L0.attn") == len(questions)
+    assert out.count("Q: ") == len(questions) and err.count("routing: L0.attn") == len(questions)
 
 from tests.train_fixtures import _no_npu_accelerator_leak  # noqa: E402,F401  (autouse)

@@ -34,22 +34,26 @@ def sample(validation: Path, per_pair: int, out: Path) -> Path:
     return path
 
 
-def run(build: Path, out: Path, per_pair: int, batch_size: int = 32) -> dict:
+CONTROL = "control: one LoRA, as many steps as stages 1-3"
+
+
+def run(build: Path, out: Path, per_pair: int, batch_size: int = 32, control: Path | None = None) -> dict:
     import moevl
     from moevl.ascend.device import cpu_model_name
     from moevl.train.evaluate import evaluate
 
     data = sample(build / "data" / "validation" / "shapes.json", per_pair, out)
     results = {}
-    for name, folder in STAGES:
+    runs = [(name, build / folder) for name, folder in STAGES] + ([(CONTROL, control)] if control else [])
+    for name, folder in runs:
         t = time.time()
-        session = moevl.load(str(build / folder), device="cpu", dtype="fp32")
+        session = moevl.load(str(folder), device="cpu", dtype="fp32")
         report = evaluate(session, data, batch_size=batch_size, max_new_tokens=40)
         report.pop("predictions")
         results[name] = report
         print(f"{name}: {report['overall']['accuracy']:.3f} ({time.time() - t:.0f} s)", file=sys.stderr)
     build_info = json.loads((build / "build.json").read_text()) if (build / "build.json").is_file() else {}
-    summary = {"build": str(build), "per_pair": per_pair, "n": results[STAGES[0][0]]["n"],
+    summary = {"build": str(build), "control": str(control) if control else None, "per_pair": per_pair, "n": results[STAGES[0][0]]["n"],
                "cpu": cpu_model_name(), "python": platform.python_version(),
                "steps": {k: v for k, v in build_info.get("plan", {}).get("steps", {}).items() if k.startswith("awaker")},
                "results": results}
@@ -67,11 +71,14 @@ def render(s: dict) -> str:
 
     names = list(s["results"])
     lines = ["# Ablation: one LoRA vs LoRA-MoE (awaker-tiny, CPU)", "",
-             f"Command: `python -m moevl.train.ablation --build {s['build']} --per-pair {s['per_pair']}` on {s['cpu']} "
+             f"Command: `python -m moevl.train.ablation --build {s['build']} --per-pair {s['per_pair']}"
+             + (f" --control {s['control']}" if s.get("control") else "") + f"` on {s['cpu']} "
              f"(Python {s['python']}). Data: the first {s['per_pair']} validation questions of each task and language "
              f"({s['n']} in all; validation split of the defaults build, a seed never trained on). Greedy decoding, "
              f"fp32, exact match. Training steps per stage (batch 16): {s['steps']}; stages 2 and 3 continue from "
-             "the stage before, so stage 2 has seen more multi-task steps than stage 1 (same data).", "",
+             "the stage before, so stage 2 has seen more multi-task steps than stage 1 (same data); the control "
+             "(when given) is a stage-1 LoRA trained for as many steps as stages 1 + 2 + 3 together, from the same "
+             "base, data, rank and peak learning rate: the equal-budget single-LoRA baseline.", "",
              "## Exact-match accuracy (%) per task", "",
              "| task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for task in TASKS:
@@ -108,6 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--build", required=True, help="the --out folder of python -m moevl.train.defaults")
     p.add_argument("--out", default="benchmarks/results/ablation-cpu.md")
     p.add_argument("--per-pair", type=int, default=200, help="validation questions per task and language")
+    p.add_argument("--control", default=None, help="a stage-1 output trained for the steps of stages 1-3 together")
     args = p.parse_args(argv)
     build = Path(args.build)
     missing = [f for _, f in STAGES if not (build / f / "moevl_config.json").is_file()]
@@ -115,7 +123,7 @@ def main(argv=None) -> int:
         print(f"--build {build}: no finished {', '.join(missing)}; run python -m moevl.train.defaults first",
               file=sys.stderr)
         return 2
-    run(build, Path(args.out), args.per_pair)
+    run(build, Path(args.out), args.per_pair, control=Path(args.control) if args.control else None)
     return 0
 
 

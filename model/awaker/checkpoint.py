@@ -152,7 +152,7 @@ def load_awaker(spec: str | Path, device, dtype: torch.dtype | None = None, base
     if str(spec) == "awaker-tiny" and trained_default("awaker-tiny") is not None:
         spec = trained_default("awaker-tiny")  # the trained default (toy model of synthetic shapes), our format
     elif str(spec) in PRESETS:
-        if str(spec) != "awaker-tiny":
+        if str(spec) not in ("awaker-tiny", "awaker-tiny-random"):
             raise NotImplementedError(f"preset {spec} has random weights and no tokenizer: it exists for the "
                                       "benchmarks (moevl.model.awaker.config.PRESETS); run a checkpoint folder instead")
         cfg = PRESETS[str(spec)]()

@@ -179,4 +179,7 @@ def awaker_7b_width(num_layers: int = 2, vision_depth: int = 2) -> AwakerConfig:
     return cfg
 
 
-PRESETS = {"awaker-tiny": awaker_tiny, "awaker-7b": awaker_7b, "awaker-7b-2layer": awaker_7b_width}
+# "awaker-tiny" loads the trained default when one is installed (model/assets/defaults); "awaker-tiny-random" is
+# always this structure with random weights from a seed (tests and benchmarks of the machinery)
+PRESETS = {"awaker-tiny": awaker_tiny, "awaker-tiny-random": awaker_tiny, "awaker-7b": awaker_7b,
+           "awaker-7b-2layer": awaker_7b_width}

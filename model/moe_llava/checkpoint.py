@@ -182,7 +182,7 @@ def load_moe_llava(spec: str | Path, device, dtype: torch.dtype | None = None, v
             raise ValueError("--vision-tower does not apply to a preset")
         spec = trained_default("moellava-tiny")  # the trained default (toy model of synthetic shapes), our format
     elif str(spec) in PRESETS:
-        if str(spec) != "moellava-tiny":
+        if str(spec) not in ("moellava-tiny", "moellava-tiny-random"):
             raise NotImplementedError(f"preset {spec} has random weights and no tokenizer; use it for benchmarks")
         if vision_tower is not None:
             raise ValueError("--vision-tower does not apply to a preset")

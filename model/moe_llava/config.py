@@ -226,4 +226,7 @@ def moellava_phi2_width(num_layers: int = 4, moe_layers=(0, 2), vision_layers: i
                           vision=VisionTowerConfig(num_layers=vision_layers + 1))
 
 
-PRESETS = {"moellava-tiny": moellava_tiny, "moellava-phi2-4layer": moellava_phi2_width}
+# "moellava-tiny" loads the trained default when one is installed (model/assets/defaults); "moellava-tiny-random" is
+# always this structure with random weights from a seed (tests and benchmarks of the machinery)
+PRESETS = {"moellava-tiny": moellava_tiny, "moellava-tiny-random": moellava_tiny,
+           "moellava-phi2-4layer": moellava_phi2_width}
