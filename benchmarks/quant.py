@@ -207,16 +207,10 @@ def kernel_table(shapes, repeats: int = 10) -> list[dict]:
     """One-row product per weight shape (the decode GEMV) in each form, best of ``repeats`` after a warm-up:
     bf16 F.linear, bf16 oneDNN-packed, int8 and int4 (bf16 activations). Weights random, built one shape at a
     time. -> rows with ms and GB/s of the bytes each form reads."""
-    import time
+    from moevl.kernels.quant import time_gemv
 
     def best(fn, x):
-        fn(x)
-        t_best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn(x)
-            t_best = min(t_best, time.perf_counter() - t)
-        return t_best
+        return time_gemv(fn, x, repeats)
 
     rows = []
     for out_f, in_f in shapes:

@@ -346,7 +346,8 @@ LAYOUT_POLICIES = ("auto", "plain", "onednn")
 MIN_PACKED = 1 << 20
 
 
-def _time_gemv(fn, x, repeats: int) -> float:
+def time_gemv(fn, x, repeats: int) -> float:
+    """Best wall time of ``fn(x)`` over ``repeats`` calls after one warm-up (the layout choice and the benchmark)."""
     import time
 
     fn(x)
@@ -367,8 +368,8 @@ def measure_layout(w: torch.Tensor, repeats: int = 5, margin: float = 0.05) -> s
         packed = OnednnWeight(w)
         plain, onednn = float("inf"), float("inf")
         for _ in range(2):
-            plain = min(plain, _time_gemv(lambda v: F.linear(v, w), x, repeats))
-            onednn = min(onednn, _time_gemv(lambda v: packed.run(v, None), x, repeats))
+            plain = min(plain, time_gemv(lambda v: F.linear(v, w), x, repeats))
+            onednn = min(onednn, time_gemv(lambda v: packed.run(v, None), x, repeats))
         _LAYOUT_CHOICE[key] = "onednn" if onednn < (1 - margin) * plain else "plain"
         LAYOUT_TIMES[key] = {"plain_s": plain, "onednn_s": onednn, "bytes": w.numel() * w.element_size()}
     return _LAYOUT_CHOICE[key]
