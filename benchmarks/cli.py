@@ -5,8 +5,9 @@ import argparse
 import importlib
 
 BENCHMARKS = {"kernels": "moevl.benchmarks.kernels", "e2e": "moevl.benchmarks.e2e", "ort": "moevl.benchmarks.ort",
-              "lora_kernel": "moevl.benchmarks.lora_kernel", "quality": "moevl.benchmarks.quality",
-              "serve": "moevl.benchmarks.serve"}
+              "e2e_moellava": "moevl.benchmarks.e2e_moellava", "lora_kernel": "moevl.benchmarks.lora_kernel",
+              "quality": "moevl.benchmarks.quality", "quant": "moevl.benchmarks.quant",
+              "serve": "moevl.benchmarks.serve", "report": "moevl.benchmarks.report"}
 
 
 def run_bench(args) -> int:
@@ -20,7 +21,9 @@ def run_bench(args) -> int:
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="run a benchmark (kernels | e2e | ort | lora_kernel | quality | serve); extra args go to it")
+    p = subparsers.add_parser("bench", help="run a benchmark (kernels | e2e | e2e_moellava | ort | lora_kernel | "
+                              "quality | quant | serve), or `report` (one summary table from their results); extra "
+                              "args go to it")
     p.add_argument("name", choices=sorted(BENCHMARKS))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (see --help of each)")
     p.set_defaults(func=run_bench)

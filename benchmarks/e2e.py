@@ -20,7 +20,8 @@ import torch
 
 import moevl
 from moevl.ascend.device import resolve_device
-from moevl.benchmarks.common import RESULTS, NoProcessor, environment, median, read_bandwidth_gbs, write_results
+from moevl.benchmarks.common import (RESULTS, NoProcessor, environment, median, progress, read_bandwidth_gbs,
+                                    write_results)
 from moevl.model.awaker.config import AdapterConfig, awaker_7b_width
 from moevl.model.generate import GenerationConfig, generate
 from moevl.model.awaker.inputs import collate
@@ -150,12 +151,14 @@ def main(argv=None) -> int:
     run_ours(session, batch, 3)  # warm-up both
     run_baseline(hf, batch, 3)
     rows = {"ours": [], "baseline": []}
+    bar = progress(args.rounds, "e2e rounds")
     for r in range(args.rounds):
         rows["ours"].append(run_ours(session, batch, args.new_tokens))
         rows["baseline"].append(run_baseline(hf, batch, args.new_tokens))
-        print(f"round {r}: ours ttft {rows['ours'][-1][0]:.0f} ms, decode {rows['ours'][-1][1]:.1f} ms/tok | "
-              f"baseline ttft {rows['baseline'][-1][0]:.0f} ms, decode {rows['baseline'][-1][1]:.1f} ms/tok",
-              flush=True)
+        bar.update()
+        bar.write(f"round {r}: ours ttft {rows['ours'][-1][0]:.0f} ms, decode {rows['ours'][-1][1]:.1f} ms/tok | "
+                  f"baseline ttft {rows['baseline'][-1][0]:.0f} ms, decode {rows['baseline'][-1][1]:.1f} ms/tok")
+    bar.close()
     med = {k: {"ttft_ms": median([x[0] for x in v]), "decode_ms_per_token": median([x[1] for x in v])}
            for k, v in rows.items()}
     bytes_ours = weight_bytes(ours, True, args.rank)

@@ -20,7 +20,7 @@ import torch
 
 import moevl
 from moevl.ascend.device import resolve_device
-from moevl.benchmarks.common import NoProcessor
+from moevl.benchmarks.common import NoProcessor, cpu_flags, cpu_line, progress
 from moevl.model.generate import GenerationConfig, generate
 from moevl.model.moe_llava.config import moellava_phi2_width
 from moevl.model.moe_llava.inputs import collate
@@ -147,13 +147,16 @@ def main(argv=None) -> int:
     run_ours(ours, batch, 2)  # warm-up both
     run_baseline(lm, tower, projector, batch, 2)
     rows = {"ours": [], "baseline": []}
+    bar = progress(args.rounds, "e2e_moellava rounds")
     for r in range(args.rounds):
         o = run_ours(ours, batch, args.new_tokens)
         b = run_baseline(lm, tower, projector, batch, args.new_tokens)
         rows["ours"].append(o[:2])
         rows["baseline"].append(b[:2])
-        print(f"round {r}: ours ttft {o[0]:.0f} ms, decode {o[1]:.1f} ms/tok | baseline ttft {b[0]:.0f} ms, "
-              f"decode {b[1]:.1f} ms/tok", flush=True)
+        bar.update()
+        bar.write(f"round {r}: ours ttft {o[0]:.0f} ms, decode {o[1]:.1f} ms/tok | baseline ttft {b[0]:.0f} ms, "
+                  f"decode {b[1]:.1f} ms/tok")
+    bar.close()
     med = {k: {"ttft_ms": statistics.median(x[0] for x in v),
                "decode_ms_per_token": statistics.median(x[1] for x in v)} for k, v in rows.items()}
     ratios = {"ttft": med["ours"]["ttft_ms"] / med["baseline"]["ttft_ms"],
@@ -168,7 +171,8 @@ def main(argv=None) -> int:
                           "prompt_tokens": int(batch.input_ids.shape[1]), "new_tokens": args.new_tokens,
                           "rounds": args.rounds, "dtype": "fp32", "moe_routing": "deterministic"},
                "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                               "python": platform.python_version(), "device": device.describe()},
+                               "python": platform.python_version(), "device": device.describe(),
+                               "cpu_flags": cpu_flags()},
                "median": med, "ratios": ratios, "targets": {"ttft": 1.4, "decode": 1.3},
                "original_moellava_reference": {"ttft": 2.40, "decode": 1.65,
                                                "note": "DeepSpeed original, measured by the issue's author"},
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
         f"{ratios['ttft']:.3f} | <= 1.4 | 2.40 |",
         f"| decode (ms/token) | {med['ours']['decode_ms_per_token']:.1f} | "
         f"{med['baseline']['decode_ms_per_token']:.1f} | {ratios['decode']:.3f} (bytes-ideal "
-        f"{ratios['decode_bytes_ideal']:.3f}) | <= 1.3 | 1.65 |", ""])
+        f"{ratios['decode_bytes_ideal']:.3f}) | <= 1.3 | 1.65 |", "", cpu_line(), ""])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e-moellava-cpu.json").write_text(json.dumps(payload, indent=2))

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moevl.benchmarks.common import cpu_line, progress
 from moevl.kernels import cpu, moe, reference
 
 HIDDEN, MLP, RANK, TASK_EXPERTS = 3584, 18944, 256, 4
@@ -187,7 +188,7 @@ def _markdown(res) -> str:
     L = [f"# Kernel benchmark — {res['device']}", "",
          f"Command: `{res['command']}`  ", f"torch {res['torch']}, {res['threads']} threads, {res['dtype']}, "
          f"read bandwidth (sum of 512 MB) {res['read_bandwidth_GBps']:.1f} GB/s. Medians of interleaved repeats.",
-         "", "No NPU figures exist: this run had no Ascend device (the NPU variants are a separate issue).", "",
+         res.get("cpu", ""), "", "No NPU figures exist: this run had no Ascend device (the NPU variants are a separate issue).", "",
          f"The machine was shared with other jobs (1-min load average {res['loadavg_start']:.1f} at the start, "
          f"{res['loadavg_end']:.1f} at the end, on {res['cpus']} CPUs): the T = 512 rows (3 repeats) can be off by "
          "10-30%; the interleaved ratios are more reliable than the absolute times.", "",
@@ -268,13 +269,15 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": f"{device.type} ({name})",
            "dtype": str(dtype).replace("torch.", ""), "quick": args.quick}
     res["cpus"] = os.cpu_count()
+    res["cpu"] = cpu_line()  # the host CPU and its flags, on a GPU run too
     res["loadavg_start"] = os.getloadavg()[0]
     res["read_bandwidth_GBps"] = read_bandwidth(device, dtype) / 1e9
     print(f"{res['device']}, {res['threads']} threads, {res['dtype']}; read bandwidth {res['read_bandwidth_GBps']:.1f} GB/s",
           flush=True)
     t0 = time.perf_counter()
-    res["awaker"], res["merge"] = bench_awaker(configs, repeats, device, dtype, esize)
-    res["moe"] = bench_moe(configs, repeats, device, dtype, esize)
+    res["awaker"], res["merge"] = bench_awaker(progress(len(configs), "kernels: LoRA-MoE", configs), repeats, device,
+                                               dtype, esize)
+    res["moe"] = bench_moe(progress(len(configs), "kernels: MoE", configs), repeats, device, dtype, esize)
     res["read_bandwidth_end_GBps"] = read_bandwidth(device, dtype) / 1e9
     res["wall_s"] = time.perf_counter() - t0
     res["loadavg_end"] = os.getloadavg()[0]

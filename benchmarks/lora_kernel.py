@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moevl.benchmarks.common import cpu_line, progress
+
 HIDDEN, MLP, RANK, TASK_EXPERTS = 3584, 18944, 256, 4
 LINEARS = {"o_proj": (HIDDEN, HIDDEN), "gate_proj": (HIDDEN, MLP), "up_proj": (HIDDEN, MLP),
            "down_proj": (MLP, HIDDEN)}  # name: (in, out)
@@ -102,6 +104,7 @@ def measure(batches, linears, rank, task_experts, device, dtype, repeats, iters)
     layer = make_layer(linears, rank, task_experts + 1, device, dtype)
     w_elems = sum(i * o for i, o in linears.values())
     rows = []
+    bar = progress(len(batches), "lora_kernel batches")
     for batch in batches:
         expert, scales = routing(batch, task_experts, device)
         xs = {n: torch.randn(batch, 1, i, device=device, dtype=dtype) for n, (i, _) in linears.items()}
@@ -116,9 +119,11 @@ def measure(batches, linears, rank, task_experts, device, dtype, repeats, iters)
                **{f"{k}_max_abs_err": v for k, v in err.items()}}
         row["target_met"] = row["triton_over_base"] <= TARGET
         rows.append(row)
-        print(f"batch {batch:2d}: base {us['base']:8.1f} us, composed {us['composed']:8.1f} us "
-              f"({row['composed_over_base']:.3f}x), triton {us['triton']:8.1f} us ({row['triton_over_base']:.3f}x); "
-              f"floor {floor:.3f}x; max err composed {err['composed']:.3g} triton {err['triton']:.3g}", flush=True)
+        bar.update()
+        bar.write(f"batch {batch:2d}: base {us['base']:8.1f} us, composed {us['composed']:8.1f} us "
+                  f"({row['composed_over_base']:.3f}x), triton {us['triton']:8.1f} us ({row['triton_over_base']:.3f}x); "
+                  f"floor {floor:.3f}x; max err composed {err['composed']:.3g} triton {err['triton']:.3g}")
+    bar.close()
     return rows
 
 
@@ -127,7 +132,7 @@ def markdown(res: dict) -> str:
          f"Command: `{res['command']}`  ",
          f"torch {res['torch']}, triton {res['triton']}, {res['dtype']}; one decode step (T = 1) of Awaker-7B's four "
          f"LoRA-MoE linears (r {RANK}, {TASK_EXPERTS}+1 experts); median of "
-         f"{res['repeats']} repeats of {res['iters']} calls (CUDA events).", "",
+         f"{res['repeats']} repeats of {res['iters']} calls (CUDA events). Host {res.get('cpu', 'CPU: not recorded')}", "",
          f"floor = (W + distinct selected experts) / W, the memory-bound lower bound of any LoRA-MoE step; target "
          f"triton/base <= {TARGET}. No NPU figures: nothing here ran on an Ascend NPU.", "",
          "| batch | experts read | base us | composed us | triton us | composed/base | triton/base | floor | "
@@ -164,7 +169,7 @@ def main(argv=None) -> int:
     batches = [1, 8] if args.quick else [1, 2, 4, 8, 16]
     args_given = list(argv if argv is not None else sys.argv[1:])
     res = {"command": " ".join(["python -m moevl.benchmarks.lora_kernel"] + args_given),
-           "device": f"cuda ({torch.cuda.get_device_name(device)})", "torch": torch.__version__,
+           "device": f"cuda ({torch.cuda.get_device_name(device)})", "torch": torch.__version__, "cpu": cpu_line(),
            "triton": triton.__version__, "dtype": "bfloat16", "repeats": repeats, "iters": args.iters}
     res["rows"] = measure(batches, LINEARS, RANK, TASK_EXPERTS, device, dtype, repeats, args.iters)
     out = Path(args.out)

@@ -10,6 +10,7 @@ Memory at 7B width: the PyTorch model (~7 GB fp32) is freed before the ORT sessi
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import os
@@ -126,6 +127,7 @@ def run_config(name: str, prompt_len: int, tokens: int, repeats: int, threads: i
 
 def render(results: list[dict], meta: dict) -> str:
     lines = [f"# PyTorch eager vs ONNX Runtime (fp32, dynamic int8) on {meta['cpu']}", "",
+             f"CPU flags: {', '.join(meta.get('cpu_flags') or []) or 'not recorded'}.  ",
              f"Command: `{meta['command']}`  ", f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, "
              f"{meta['threads']} threads, batch 1, greedy, medians over {results[0]['repeats']} repeats.", "",
              "| config | runtime | TTFT ms | decode ms/token | decode speed-up vs PyTorch | tokens vs reference |",
@@ -155,6 +157,7 @@ def main(argv=None) -> int:
     import onnxruntime
 
     from moevl.ascend.device import cpu_model_name
+    from moevl.benchmarks.common import cpu_flags, progress
 
     p = argparse.ArgumentParser(prog="python -m moevl.benchmarks.ort", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,12 +173,19 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown config(s) {sorted(bad)}; choose from {CONFIGS}")
 
-    def log(m):
-        print(m, file=sys.stderr, flush=True)
+    bar = progress(len(configs), "ort configs")
 
-    results = [run_config(c, args.prompt_len or (32 if c == "tiny" else 128), args.tokens, args.repeats,
-                          args.threads, log) for c in configs]
-    meta = {"cpu": cpu_model_name(), "machine": platform.machine(), "torch": torch.__version__,
+    def log(m):
+        bar.write(m, file=sys.stderr)
+
+    results = []
+    for c in configs:
+        results.append(run_config(c, args.prompt_len or (32 if c == "tiny" else 128), args.tokens, args.repeats,
+                                  args.threads, log))
+        bar.update()
+    bar.close()
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": cpu_model_name(), "cpu_flags": cpu_flags(), "machine": platform.machine(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "threads": args.threads or torch.get_num_threads(),
             "command": "python -m moevl.benchmarks.ort " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out)

@@ -76,13 +76,15 @@ def _summary(report: dict) -> dict:
             "seconds": report["seconds"], "n": report["n"], "max_new_tokens": report["max_new_tokens"]}
 
 
-def run_model(model: str, records, variants, work: Path, batch_size: int, max_new_tokens, log) -> dict:
+def run_model(model: str, records, variants, work: Path, batch_size: int, max_new_tokens, log,
+              tick=lambda: None) -> dict:
     from moevl.train.evaluate import evaluate
 
     family = _family(model)
     results, not_run, answers = {}, {}, {}
     onnx_dir = None
     for variant in variants:
+        tick()  # the progress bar counts every variant, the ones that do not apply too
         if not applies(variant, family):
             continue
         try:
@@ -117,7 +119,8 @@ def render(payload: dict) -> str:
     env = payload["environment"]
     lines = ["# Quality on every backend (CPU)", "",
              f"Command: `{payload['command']}`", "",
-             f"CPU: {env['device'].get('chip')}; torch {env['torch']}, {env['threads']} threads; data: the shapes "
+             f"CPU: {env['device'].get('chip')} (flags: {', '.join(env.get('cpu_flags') or []) or 'not recorded'}); "
+             f"torch {env['torch']}, {env['threads']} threads; data: the shapes "
              f"validation split (seed {payload['data_seed']}), first {payload['n']} records "
              f"({payload['n_per_pair']}); greedy decoding. npu-emulated rows run the NPU kernel sets on the CPU "
              "(emulated: no NPU was used).", ""]
@@ -160,7 +163,7 @@ def render(payload: dict) -> str:
 
 def main(argv=None) -> int:
     from moevl.ascend.device import resolve_device
-    from moevl.benchmarks.common import RESULTS, environment
+    from moevl.benchmarks.common import RESULTS, environment, progress
     from moevl.train.data import VALIDATION_N, VALIDATION_SEED, load_records, make_shapes
 
     ap = argparse.ArgumentParser(prog="python -m moevl.benchmarks.quality", description=__doc__.split("\n\n")[0])
@@ -183,8 +186,11 @@ def main(argv=None) -> int:
         print(f"quality: error: --limit {args.limit}: pass a positive number of records", file=sys.stderr)
         return 2
 
+    models_arg = [m.strip() for m in args.models.split(",") if m.strip()]
+    bar = progress(len(models_arg) * len(variants), "quality (model x variant)")
+
     def log(m):
-        print(m, file=sys.stderr, flush=True)
+        bar.write(m, file=sys.stderr)
 
     work = Path(tempfile.mkdtemp(prefix="moevl-quality-"))
     try:
@@ -200,9 +206,11 @@ def main(argv=None) -> int:
             pairs[(r["task"], r["lang"])] = pairs.get((r["task"], r["lang"]), 0) + 1
         models = {}
         t0 = time.perf_counter()
-        for model in [m.strip() for m in args.models.split(",") if m.strip()]:
-            models[model] = run_model(model, records, variants, work, args.batch_size, args.max_new_tokens, log)
+        for model in models_arg:
+            models[model] = run_model(model, records, variants, work, args.batch_size, args.max_new_tokens, log,
+                                      tick=bar.update)
     finally:
+        bar.close()
         shutil.rmtree(work, ignore_errors=True)
     env = environment(resolve_device("cpu", "fp32"))
     command = " ".join(["python -m moevl.benchmarks.quality"] + list(sys.argv[1:] if argv is None else argv))

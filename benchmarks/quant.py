@@ -31,7 +31,8 @@ import torch
 
 import moevl
 from moevl.ascend.device import cpu_model_name, resolve_device
-from moevl.benchmarks.common import RESULTS, NoProcessor, environment, median, read_bandwidth_gbs, write_results
+from moevl.benchmarks.common import (RESULTS, NoProcessor, cpu_flags, environment, median, progress,
+                                    read_bandwidth_gbs, write_results)
 from moevl.kernels import quant
 
 VARIANTS = (  # name, compute dtype, quantize ("ours fp32 (oneDNN)" is the fp32 model with packed weights swapped in)
@@ -42,18 +43,6 @@ VARIANTS = (  # name, compute dtype, quantize ("ours fp32 (oneDNN)" is the fp32 
     ("ours int4 (bf16)", "bf16", "int4"),
 )
 BASELINE = "transformers fp32"
-
-
-def cpu_flags() -> list[str]:
-    """The CPU flags that decide which kernels are fast here (MKL vs oneDNN, bf16, int8)."""
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile",
-              "avx_vnni")
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return []
-    return [f for f in wanted if f in flags]
 
 
 def weight_bytes(model, adapters: bool = True) -> int:
@@ -368,7 +357,6 @@ def main(argv=None) -> int:
         return only_load_check(args, argv)
     if args.only_kernel_table:
         return only_kernel_table(args, argv)
-    from tqdm import tqdm
 
     cfg = awaker_7b_width(num_layers=args.layers)
     cfg.adapters = AdapterConfig(num_experts=4, rank=args.rank, alpha=2.0 * args.rank)
@@ -430,8 +418,7 @@ def main(argv=None) -> int:
     names = [BASELINE] + list(sessions)
     rows = {n: [] for n in names}
     rows8 = {n: [] for n in sessions}
-    bar = tqdm(total=args.rounds * (len(names) + (len(sessions) if batch8 is not None else 0)),
-               desc="quant bench", unit="run", file=sys.stderr)
+    bar = progress(args.rounds * (len(names) + (len(sessions) if batch8 is not None else 0)), "quant bench")
     for _ in range(args.rounds):
         for n in names:
             bar.set_postfix_str(n)
@@ -540,8 +527,10 @@ def main(argv=None) -> int:
                f"{(rss['peak_rss_after_load'] - rss['rss_before_load']) / 2**20:.0f} MiB = "
                f"{rss['load_growth_over_file']:.2f}x the file (target <= 1.3x); the fp32 weights never exist there."]
     if ort:
-        rows_ort = [f"{r.get('runtime', '?')}: decode {r.get('decode_ms_per_token', float('nan')):.1f} ms/token"
-                    for r in ort.get("rows", []) if "7b" in str(r.get("config", ""))]
+        # ort-cpu.json: {"meta", "results": [{"config": "7b-width", "torch" | "ort_fp32" | "ort_int8": {...}}]}
+        rows_ort = [f"{label}: decode {r[key]['decode_ms_per_token']:.1f} ms/token"
+                    for r in ort.get("results", []) if r.get("config") == "7b-width"
+                    for key, label in (("ort_fp32", "ORT fp32"), ("ort_int8", "ORT int8 (dynamic)")) if key in r]
         if rows_ort:
             md += ["", "ONNX Runtime (benchmarks/results/ort-cpu.json, a separate run, maybe another day): "
                    + "; ".join(rows_ort) + "."]

@@ -182,6 +182,7 @@ def wait_ready(url: str, proc, timeout: float) -> None:
 
 def bench_config(config: str, levels, requests, max_tokens: int, max_batch: int, max_queue: int,
                  repeat_last: int = 0) -> dict:
+    from moevl.benchmarks.common import progress
     from moevl.model.tiny import DEMO_IMAGE
 
     image_url = "data:image/png;base64," + base64.b64encode(DEMO_IMAGE.read_bytes()).decode()
@@ -195,12 +196,14 @@ def bench_config(config: str, levels, requests, max_tokens: int, max_batch: int,
         asyncio.run(run_level(url, config, 2, 4, image_url, 4))  # warm-up
         rss_before = rss_mb(proc.pid)
         out = []
+        bar = progress(min(len(levels), len(requests)) + repeat_last, f"serve {config} levels")
         for clients, n in zip(levels, requests):
-            print(f"[{config}] {clients} clients, {n} requests ...", flush=True)
+            bar.write(f"[{config}] {clients} clients, {n} requests ...")
             r = asyncio.run(run_level(url, config, clients, n, image_url, max_tokens))
             r["server_rss_mb_after"] = round(rss_mb(proc.pid), 1)
-            print(f"  {r['output_tokens_per_s']:.1f} tok/s, {r['requests_per_s']:.2f} req/s, "
-                  f"TTFT p50 {r['ttft_p50_ms']:.0f} ms, errors {r['errors']}", flush=True)
+            bar.update()
+            bar.write(f"  {r['output_tokens_per_s']:.1f} tok/s, {r['requests_per_s']:.2f} req/s, "
+                      f"TTFT p50 {r['ttft_p50_ms']:.0f} ms, errors {r['errors']}")
             out.append(r)
         rss_after = rss_mb(proc.pid)
         repeats = []  # the last level again: does the RSS keep growing, or was it the first taste of that load?
@@ -208,6 +211,8 @@ def bench_config(config: str, levels, requests, max_tokens: int, max_batch: int,
             r = asyncio.run(run_level(url, config, levels[-1], requests[-1], image_url, max_tokens))
             repeats.append({"requests": r["requests"], "errors": r["errors"],
                             "output_tokens_per_s": r["output_tokens_per_s"], "server_rss_mb_after": rss_mb(proc.pid)})
+            bar.update()
+        bar.close()
     finally:
         proc.terminate()
         proc.wait(60)
