@@ -86,3 +86,18 @@ def test_installed_defaults_are_what_the_presets_and_the_demo_run(smoke, tmp_pat
     assert out.count("Q: ") == len(questions) and err.count("routing: L0.attn") == len(questions)
 
 from tests.train_fixtures import _no_npu_accelerator_leak  # noqa: E402,F401  (autouse)
+
+
+def test_one_command_builds_both_models_side_by_side(tmp_path):
+    """``python -m moevl.train.defaults`` runs one process per model (``--jobs 2``) and merges what they did."""
+    from moevl.train import defaults
+
+    assert defaults.main(["--out", str(tmp_path), "--smoke", "--jobs", "2"]) == 0
+    summary = json.loads((tmp_path / "build.json").read_text())
+    assert set(summary["quality"]) == {"awaker", "moellava"}
+    for name in ("awaker", "moellava"):
+        part = json.loads((tmp_path / f"build-{name}.json").read_text())  # written by that model's own process
+        assert set(part["quality"]) == {name}
+        assert summary["timings_s"][f"{name}.0"] == part["timings_s"][f"{name}.0"]
+        assert summary["quality"][name]["accuracy"] == part["quality"][name]["accuracy"]
+    assert summary["timings_s"]["wall"] > 0
