@@ -7,7 +7,8 @@ import importlib
 BENCHMARKS = {"kernels": "moevl.benchmarks.kernels", "e2e": "moevl.benchmarks.e2e", "ort": "moevl.benchmarks.ort",
               "e2e_moellava": "moevl.benchmarks.e2e_moellava", "lora_kernel": "moevl.benchmarks.lora_kernel",
               "quality": "moevl.benchmarks.quality", "quant": "moevl.benchmarks.quant",
-              "serve": "moevl.benchmarks.serve", "report": "moevl.benchmarks.report"}
+              "serve": "moevl.benchmarks.serve", "serve_rss": "moevl.benchmarks.serve_rss",
+              "report": "moevl.benchmarks.report"}
 
 
 def run_bench(args) -> int:

@@ -51,6 +51,7 @@ def cmd_serve(args) -> int:
 
     from moevl.serve.app import Server, create_app
 
+    limit_malloc_arenas()
     server = Server(cfg)
     app = create_app(server=server)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
@@ -64,6 +65,29 @@ def cmd_serve(args) -> int:
         print(f"moevl serve: error: the model could not be loaded: {server.error}", file=sys.stderr)
         return 2 if isinstance(server.exception, (ValueError, NotImplementedError)) else 1
     return 0
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas for the server process unless ``MALLOC_ARENA_MAX`` is set: with the default (8 per
+    core) the RSS drifts up and down by tens of MB under load as each thread's arena keeps freed memory; with 2 it is
+    flat (``python -m moevl.benchmarks.serve_rss``, benchmarks/results/serve-rss-*.md). -> whether it was applied
+    (not on other C libraries, or when the environment already says)."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if not hasattr(libc, "gnu_get_libc_version"):  # musl, macOS: no such knob
+            return False
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except OSError:
+        return False
 
 
 def _check_model(cfg) -> None:
