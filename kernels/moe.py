@@ -16,6 +16,11 @@ Variants of the expert part (all take the same routing):
 - ``dense``: every expert on every token as batched MatMul, combined with a [N, E] weight mask (zero for
   unselected experts): static shapes, exports to ONNX without Einsum (see shared/notes/onnx.md). E/k times the
   FLOPs, so only for export / tiny batches.
+
+Quantised experts (``--quantize int8|int4``): a stacked weight may be a ``kernels.quant.QuantizedExperts`` (one
+weight module per expert, ``w[e](x, bias)`` runs that expert's bound kernel: on CPU the ATen int8/int4 kernels).
+The reference, the dropless loop and the ``dense`` variant apply each expert through its module; the grouped GEMM
+is not chosen for them (asked for explicitly, the stacks are dequantised first). The router is never quantised.
 """
 from __future__ import annotations
 
@@ -51,6 +56,17 @@ class MoeExperts(NamedTuple):
     @property
     def num_experts(self) -> int:
         return self.w_in.shape[0]
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any stacked weight is a weight module (kernels.quant.QuantizedExperts), not a tensor."""
+        return any(w is not None and not isinstance(w, torch.Tensor) for w in (self.w_in, self.w_up, self.w_out))
+
+    def dense(self, dtype) -> "MoeExperts":
+        """The same experts with every stacked weight a tensor (quantised stacks dequantised to ``dtype``)."""
+        if not self.quantized:
+            return self
+        return self._replace(**{k: _dense_stack(getattr(self, k), dtype) for k in ("w_in", "w_up", "w_out")})
 
 
 class RoutingInfo(NamedTuple):
@@ -96,10 +112,19 @@ def _activate(h, experts: MoeExperts, up=None):
     raise ValueError(f"unknown expert activation {experts.activation!r}; use 'gelu_tanh' or 'swiglu'")
 
 
+def _dense_stack(w, dtype):
+    return w if w is None or isinstance(w, torch.Tensor) else w.dequantize(dtype)
+
+
+def _linear(x, w, bias=None):
+    """x w^T + b for one expert's weight: a tensor [out, in], or a quantised weight module that runs its kernel."""
+    return F.linear(x, w, bias) if isinstance(w, torch.Tensor) else w(x, bias)
+
+
 def _expert_forward(x, experts: MoeExperts, e: int):
-    h = F.linear(x, experts.w_in[e], None if experts.b_in is None else experts.b_in[e])
-    up = F.linear(x, experts.w_up[e]) if experts.w_up is not None else None
-    return F.linear(_activate(h, experts, up), experts.w_out[e], None if experts.b_out is None else experts.b_out[e])
+    h = _linear(x, experts.w_in[e], None if experts.b_in is None else experts.b_in[e])
+    up = _linear(x, experts.w_up[e]) if experts.w_up is not None else None
+    return _linear(_activate(h, experts, up), experts.w_out[e], None if experts.b_out is None else experts.b_out[e])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,7 +175,9 @@ _GROUPED_MM_OK: dict = {}
 def experts_dropless(x, experts: MoeExperts, info: RoutingInfo, use_grouped_mm: bool | None = None):
     """Sort token-slots by expert; grouped GEMMs over the contiguous per-expert slices; weighted un-permute.
 
-    use_grouped_mm: None = on CUDA when supported for these shapes/dtype; False = loop over the slices.
+    use_grouped_mm: None = on CUDA when supported for these shapes/dtype and the experts are not quantised; False =
+    loop over the slices (quantised experts: each through its own kernel); True with quantised experts dequantises
+    the stacks first.
     """
     n, k = info.expert_idx.shape
     flat = info.expert_idx.reshape(-1)  # [N*k]
@@ -161,8 +188,9 @@ def experts_dropless(x, experts: MoeExperts, info: RoutingInfo, use_grouped_mm: 
     counts = torch.zeros(experts.num_experts, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
     xs = x[token]  # [N*k, H]
     if use_grouped_mm is None:
-        use_grouped_mm = x.device.type != "cpu" and _grouped_mm_works(x, experts.w_in)
+        use_grouped_mm = x.device.type != "cpu" and not experts.quantized and _grouped_mm_works(x, experts.w_in)
     if use_grouped_mm:
+        experts = experts.dense(x.dtype)
         offs = counts.cumsum(0).to(torch.int32)
         h = _grouped_linear(xs, experts.w_in, offs, experts.b_in, expert_sorted)
         up = _grouped_linear(xs, experts.w_up, offs) if experts.w_up is not None else None
@@ -182,16 +210,21 @@ def experts_dropless(x, experts: MoeExperts, info: RoutingInfo, use_grouped_mm: 
 
 
 def experts_dense(x, experts: MoeExperts, info: RoutingInfo):
-    """All experts on all tokens (batched MatMul), combined with a [N, E] mask of routing weights. Static shapes."""
+    """All experts on all tokens (batched MatMul), combined with a [N, E] mask of routing weights. Static shapes.
+    Quantised experts: each expert's own kernel on all tokens (the same static shapes and no host sync, so the NPU
+    path uses it for them; no dense stack is built)."""
     num_e = experts.num_experts
-    xe = x.unsqueeze(0)  # [1, N, H] broadcast over experts
-    h = torch.matmul(xe, experts.w_in.transpose(1, 2))  # [E, N, F]
-    if experts.b_in is not None:
-        h = h + experts.b_in.unsqueeze(1)
-    up = torch.matmul(xe, experts.w_up.transpose(1, 2)) if experts.w_up is not None else None
-    out = torch.matmul(_activate(h, experts, up), experts.w_out.transpose(1, 2))  # [E, N, H]
-    if experts.b_out is not None:
-        out = out + experts.b_out.unsqueeze(1)
+    if experts.quantized:
+        out = torch.stack([_expert_forward(x, experts, e) for e in range(num_e)])  # [E, N, H]
+    else:
+        xe = x.unsqueeze(0)  # [1, N, H] broadcast over experts
+        h = torch.matmul(xe, experts.w_in.transpose(1, 2))  # [E, N, F]
+        if experts.b_in is not None:
+            h = h + experts.b_in.unsqueeze(1)
+        up = torch.matmul(xe, experts.w_up.transpose(1, 2)) if experts.w_up is not None else None
+        out = torch.matmul(_activate(h, experts, up), experts.w_out.transpose(1, 2))  # [E, N, H]
+        if experts.b_out is not None:
+            out = out + experts.b_out.unsqueeze(1)
     onehot = (info.expert_idx.unsqueeze(-1) == torch.arange(num_e, device=x.device)).to(x.dtype)  # [N, k, E]
     gate = (onehot * info.weights.to(x.dtype).unsqueeze(-1)).sum(dim=1)  # [N, E]
     return (out * gate.t().unsqueeze(-1)).sum(dim=0)

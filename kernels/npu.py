@@ -138,6 +138,11 @@ class NpuKernels:
     def moe_ffn(self, x, router_weight, experts: moe.MoeExperts, top_k=2, routing="deterministic",
                 generator=None):
         """x [N, H], router_weight [E, H] -> (y [N, H], RoutingInfo); the same contract as kernels.moe.moe_ffn."""
+        if experts.quantized:
+            # int8/int4 experts (kernels.quant.QuantizedExperts): every expert's bound npu_weight_quant_batchmatmul
+            # on all rows - static shapes, no host sync; E/k times the FLOPs (the grouped matmul is not bound to
+            # quantised stacks; emulated, not verified on hardware)
+            return moe.moe_ffn(x, router_weight, experts, top_k, routing, generator, impl="dense")
         tnpu = self.tnpu
         n = x.shape[0]
         num_e = experts.num_experts

@@ -1,7 +1,8 @@
 """Weight-only quantisation of the base linears (int8 per channel, int4 per group of 128) and the weights' layouts.
 
-What is quantised: the decoder's base linears (q/k/v/o, gate/up/down; Awaker's LoRA-MoE linears keep their experts)
-and lm_head. Routers, adapters (LoRA experts), norms, embeddings and the vision tower stay in the compute dtype.
+What is quantised: the decoder's base linears (q/k/v/o, gate/up/down; Awaker's LoRA-MoE linears keep their experts),
+MoE-LLaVA's stacked expert weights (one quantised weight per expert: :class:`QuantizedExperts`) and lm_head.
+Routers, biases, adapters (LoRA experts), norms, embeddings and the vision tower stay in the compute dtype.
 
 How (gpt-fast's quantize.py is the model): a linear's ``weight`` Parameter is replaced by a weight module that is
 called as ``weight(x, bias) -> x W^T + b`` (``kernels.cpu.linear`` and ``reference.lora_moe_linear`` call it so;
@@ -241,12 +242,65 @@ class Int4Weight(QuantizedWeight):
             destination[prefix + "qweight"] = self.stored_qweight()
 
 
+class QuantizedExperts(nn.ModuleList):
+    """A stacked expert weight [E, out, in] (MoE-LLaVA's ``w_in`` / ``w_up`` / ``w_out``, kernels/moe.py) held as
+    one quantised weight module per expert: ``experts[e]`` is expert e's :class:`Int8Weight` / :class:`Int4Weight`,
+    called as ``experts[e](x, bias)`` by the MoE dispatch, so each expert runs its own bound kernel. Saved as
+    ``<name>.<e>.qweight`` / ``.scales`` (/ ``.zeros``). Not a tensor: a path that needs the dense stack (the grouped
+    GEMM, when asked for) takes :meth:`dequantize`."""
+
+    @property
+    def mode(self) -> str:
+        return self[0].mode
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self[0].device
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self), *self[0].shape))
+
+    def dim(self) -> int:
+        return 3
+
+    def nbytes(self) -> int:
+        return sum(m.nbytes() for m in self)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """The dense stack [E, out, in] (for the paths that need one; the per-expert path never builds it)."""
+        return torch.stack([m.dequantize(dtype) for m in self])
+
+    def extra_repr(self) -> str:
+        e, out_f, in_f = self.shape
+        return f"{self.mode}, experts={e}, out={out_f}, in={in_f}"
+
+
 # ------------------------------------------------------------------------------------------------- CPU kernels
+# aten._weight_int8pack_mm (CPU, torch 2.13) reads its operands with aligned vector loads: it segfaulted here (an
+# Intel Xeon with avx512) on a weight starting 8 bytes off (a qweight read from safetensors is only 8-byte aligned),
+# on bf16 activations starting 16 bytes off (a slice of rows, as the MoE dispatch passes, may start anywhere) and
+# on input widths that are not a multiple of 16. So: 64-byte aligned copies where needed; other widths take the
+# reference.
+INT8_CPU_ALIGN = 64
+INT8_CPU_WIDTH = 16
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t if t.data_ptr() % INT8_CPU_ALIGN == 0 else t.clone()
+
+
 def _int8_cpu(module: Int8Weight):
     scales = module.scales.to(torch.bfloat16)
+    module.qweight = _aligned(module.qweight)
 
     def kernel(x2, bias):
-        y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), module.qweight, scales)
+        y = torch.ops.aten._weight_int8pack_mm(_aligned(x2.to(torch.bfloat16)), module.qweight, scales)
         y = y.to(x2.dtype)
         return y if bias is None else y + bias.to(x2.dtype)
     return kernel
@@ -288,7 +342,7 @@ def _unpack_cpu_int4(module: Int4Weight, rows: int = 1024) -> torch.Tensor:
 
 
 def bind_cpu(module: QuantizedWeight) -> None:
-    if isinstance(module, Int8Weight):
+    if isinstance(module, Int8Weight) and module.in_features % INT8_CPU_WIDTH == 0:
         module.bind(_int8_cpu(module), "aten._weight_int8pack_mm (bf16 activations)")
     elif isinstance(module, Int4Weight) and module.out_features % 16 == 0:  # the CPU int4 layout's rule
         module.bind(_int4_cpu(module), "aten._weight_int4pack_mm_for_cpu (bf16 activations)")
@@ -451,6 +505,43 @@ def base_linears(model: nn.Module, include_lm_head: bool = True) -> list[tuple[s
     return out
 
 
+def stacked_experts(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(module name, module, attribute) of the stacked expert weights [E, out, in] weight-only quantisation applies
+    to: the attributes a module lists in ``stacked_expert_weights`` (MoE-LLaVA's MoeFFN: w_in, w_up, w_out) that
+    are still 3-D float Parameters, outside KEEP. (The router and the biases are other attributes: never listed.)"""
+    out = []
+    for name, mod in model.named_modules():
+        if any(p in KEEP for p in name.split(".")):
+            continue
+        for attr in getattr(mod, "stacked_expert_weights", ()):
+            w = getattr(mod, attr, None)
+            if isinstance(w, nn.Parameter) and w.dim() == 3:
+                out.append((name, mod, attr))
+    return out
+
+
+def _int4_group(in_features: int, group_size: int) -> int | None:
+    """The group for an input width: ``group_size``, else the largest smaller one of 64, 32 that divides it (small
+    models); None: the weight stays in the compute dtype."""
+    return next((g for g in (group_size, 64, 32) if g <= group_size and in_features % g == 0), None)
+
+
+def _quantize_one(w: torch.Tensor, mode: str, group_size: int, zero_point: bool) -> QuantizedWeight | None:
+    if mode == "int8":
+        return Int8Weight.from_float(w, dtype=w.dtype)
+    g = _int4_group(w.shape[1], group_size)
+    return None if g is None else Int4Weight.from_float(w, dtype=w.dtype, group_size=g, zero_point=zero_point)
+
+
+def quantize_experts(w: torch.Tensor, mode: str, group_size: int = GROUP_SIZE,
+                     zero_point: bool = True) -> QuantizedExperts | None:
+    """A stacked expert weight [E, out, in] -> one quantised weight per expert (None: int4 with an input width no
+    group divides; the stack stays as it is)."""
+    check_mode(mode)
+    mods = [_quantize_one(w[e], mode, group_size, zero_point) for e in range(w.shape[0])]
+    return None if mods[0] is None else QuantizedExperts(mods)
+
+
 def _set_weight(model: nn.Module, name: str, mod: nn.Module, weight: QuantizedWeight) -> None:
     if isinstance(mod, nn.Linear):
         parent_name, _, child = name.rpartition(".")
@@ -470,21 +561,19 @@ def check_mode(mode: str) -> str:
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, group_size: int = GROUP_SIZE, zero_point: bool = True,
                    include_lm_head: bool = True) -> nn.Module:
-    """Replace the base linears' weights by int8/int4 weights, in place, one linear at a time (each fp32/bf16
-    weight is freed as soon as its quantised form exists). -> model (with ``model.quantization`` set)."""
+    """Replace the base linears' weights and the stacked expert weights by int8/int4 weights, in place, one at a
+    time (each fp32/bf16 weight is freed as soon as its quantised form exists). -> model (with
+    ``model.quantization`` set)."""
     check_mode(mode)
     for name, mod in base_linears(model, include_lm_head):
-        w = mod.weight
-        if mode == "int8":
-            qw = Int8Weight.from_float(w, dtype=w.dtype)
-        else:
-            # a width that is not a multiple of the group takes the largest smaller group that divides it (small
-            # models); none: the linear stays in the compute dtype
-            g = next((g for g in (group_size, 64, 32) if g <= group_size and w.shape[1] % g == 0), None)
-            if g is None:
-                continue
-            qw = Int4Weight.from_float(w, dtype=w.dtype, group_size=g, zero_point=zero_point)
-        _set_weight(model, name, mod, qw)
+        qw = _quantize_one(mod.weight, mode, group_size, zero_point)
+        if qw is not None:
+            _set_weight(model, name, mod, qw)
+    for _, mod, attr in stacked_experts(model):  # MoE-LLaVA's experts: most of its bytes
+        qe = quantize_experts(getattr(mod, attr), mode, group_size, zero_point)
+        if qe is not None:
+            delattr(mod, attr)
+            setattr(mod, attr, qe)
     model.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None,
                           "zero_point": zero_point if mode == "int4" else None, "lm_head": include_lm_head}
     return model
@@ -495,19 +584,27 @@ def quantized_weights(model: nn.Module) -> list[tuple[str, QuantizedWeight]]:
 
 
 def prepare_for_state_dict(model: nn.Module, sd: dict, dtype: torch.dtype) -> None:
-    """Before loading a saved quantised model (keys ``<linear>.weight.qweight``): give each such linear its
-    quantised weight module (on the meta device, as the model) so that names and shapes line up."""
+    """Before loading a saved quantised model (keys ``<linear>.weight.qweight``, ``<moe>.<w_in>.<e>.qweight``): give
+    each such linear its quantised weight module and each such expert stack its :class:`QuantizedExperts` (on the
+    meta device, as the model: the float weights are never allocated) so that names and shapes line up."""
     for name, mod in base_linears(model, include_lm_head=True):
-        key = f"{name}.weight.qweight"
-        if key not in sd:
-            continue
-        out_f, in_f = mod.weight.shape
-        if f"{name}.weight.zeros" in sd:
-            groups = sd[f"{name}.weight.scales"].shape[1]
-            qw = Int4Weight(out_f, in_f, dtype, group_size=in_f // max(groups, 1), device="meta")
-        else:
-            qw = Int8Weight(out_f, in_f, dtype, device="meta")
-        _set_weight(model, name, mod, qw)
+        if f"{name}.weight.qweight" in sd:
+            _set_weight(model, name, mod, _empty_quantized(sd, f"{name}.weight", *mod.weight.shape, dtype))
+    for name, mod, attr in stacked_experts(model):
+        prefix = f"{name}.{attr}" if name else attr
+        if f"{prefix}.0.qweight" in sd:
+            num_e, out_f, in_f = getattr(mod, attr).shape
+            qe = QuantizedExperts(_empty_quantized(sd, f"{prefix}.{e}", out_f, in_f, dtype) for e in range(num_e))
+            delattr(mod, attr)
+            setattr(mod, attr, qe)
+
+
+def _empty_quantized(sd: dict, prefix: str, out_f: int, in_f: int, dtype) -> QuantizedWeight:
+    """An empty (meta) int8/int4 weight module for the saved keys ``<prefix>.qweight`` ... (int4: it has zeros)."""
+    if f"{prefix}.zeros" in sd:
+        groups = sd[f"{prefix}.scales"].shape[1]
+        return Int4Weight(out_f, in_f, dtype, group_size=in_f // max(groups, 1), device="meta")
+    return Int8Weight(out_f, in_f, dtype, device="meta")
 
 
 def bind_all(model: nn.Module, binder) -> int:
@@ -524,7 +621,8 @@ def describe(model: nn.Module) -> dict | None:
     if not mods:
         return None
     info = dict(getattr(model, "quantization", None) or {"mode": mods[0][1].mode})
-    info["linears"] = len(mods)
+    info["linears"] = len(mods)  # each expert of a quantised stack counts as one
+    info["expert_stacks"] = sum(isinstance(m, QuantizedExperts) for m in model.modules())
     info["kernels"] = sorted({m.kernel_name for _, m in mods})
     info["weight_bytes"] = sum(m.nbytes() for _, m in mods)
     return info

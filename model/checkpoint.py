@@ -333,7 +333,7 @@ def build_on_meta(model_class, cfg):
 
 def assign_weights(model, sd: dict[str, torch.Tensor], dtype: torch.dtype, device, source: str) -> None:
     """Check names and shapes against the model, then assign (cast to dtype, moved to device)."""
-    if any(k.endswith(".weight.qweight") for k in sd):  # written by `moevl quantize`: build its quantised linears
+    if any(k.endswith(".qweight") for k in sd):  # written by `moevl quantize`: build its quantised linears/experts
         from moevl.kernels.quant import prepare_for_state_dict
 
         prepare_for_state_dict(model, sd, dtype)

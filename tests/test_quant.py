@@ -100,6 +100,27 @@ def test_int4_cpu_layout_packed_in_row_blocks_equals_packed_at_once():
     assert torch.equal(m.cpu_packed[0], torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
 
 
+def test_the_int8_cpu_kernel_takes_unaligned_weights_and_activations():
+    """aten._weight_int8pack_mm segfaulted here on operands not 32-byte aligned (a qweight read from safetensors is
+    8-byte aligned; the MoE dispatch passes slices of rows): the binding runs it on aligned copies."""
+    buf = torch.randint(-127, 128, (64 * 64 + 8,), dtype=torch.int8)
+    m = quant.Int8Weight(64, 64, torch.bfloat16)
+    m.qweight, m.scales = buf[8:].view(64, 64), torch.rand(64).to(torch.bfloat16)
+    expected_w = m.qweight.float() * m.scales.float()[:, None]
+    quant.bind_cpu(m)
+    assert m.kernel_name.startswith("aten._weight_int8pack_mm")
+    x = torch.randn(7 * 64 + 8).to(torch.bfloat16)[8:].view(7, 64)  # starts 16 bytes off
+    assert rel_err(m(x), F.linear(x.float(), expected_w)) < 1e-2
+
+
+def test_an_input_width_the_cpu_int8_kernel_cannot_take_runs_the_reference():
+    m = quant.Int8Weight.from_float(torch.randn(64, 40))  # rows of 40: not a multiple of 16 (it segfaulted)
+    quant.bind_cpu(m)
+    assert m.kernel_name == "dequantise + matmul"
+    x = torch.randn(7, 40)
+    assert torch.allclose(m(x), F.linear(x, m.dequantize()), atol=1e-5)
+
+
 def test_an_output_width_the_cpu_int4_layout_cannot_take_runs_the_reference():
     m = quant.Int4Weight.from_float(torch.randn(40, 64), group_size=32)
     quant.bind_cpu(m)

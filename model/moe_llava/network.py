@@ -102,7 +102,11 @@ class MoeFFN(nn.Module):
 
     Phi-2 experts: w_in/b_in = fc1, w_out/b_out = fc2 (gelu_new); StableLM: w_in = gate_proj, w_up = up_proj,
     w_out = down_proj (SwiGLU). router [E, hidden] is DeepSpeed's ``gate.wg`` (no bias, run in fp32).
+    With ``--quantize`` the stacks named in ``stacked_expert_weights`` become kernels.quant.QuantizedExperts (one
+    int8/int4 weight per expert); the router and the biases stay as they are.
     """
+
+    stacked_expert_weights = ("w_in", "w_up", "w_out")
 
     def __init__(self, cfg: MoeLlavaConfig, ops: KernelRef):
         super().__init__()
