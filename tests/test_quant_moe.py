@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import moevl
 from moevl.kernels import moe, quant
+from tests.test_quant import _next_token_logits  # the logits of the next token, spied on the session
 
 E, H, FFN, TOKENS = 4, 64, 128, 11
 
@@ -149,24 +150,6 @@ def test_routing_is_unchanged_for_the_same_input_and_router_and_biases_stay(floa
             y, idx = mlp(x, "deterministic", None)
         assert torch.equal(idx, idx_ref)
         assert rel_err(y, y_ref) < (0.03 if mode == "int8" else 0.2)
-
-
-def _next_token_logits(session, prompt):
-    captured = []
-    model = session.model
-    original = model.logits
-
-    def spy(*a, **k):
-        out = original(*a, **k)
-        captured.append(out.detach().float().clone())
-        return out
-    model.logits = spy
-    try:
-        session.ask(prompt, max_new_tokens=1)
-    finally:
-        del model.logits
-    assert captured, "the session computed no logits"
-    return captured[0]  # [batch, vocab]
 
 
 def test_load_with_int8_leaves_no_float_expert_stack_and_stays_close(int8_bf16, float_bf16, float_fp32):
