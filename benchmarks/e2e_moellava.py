@@ -4,11 +4,15 @@ Issue 6 §5: Phi-2 width (hidden 2560, MLP 10240, 32 heads, vocab 51200), 4 deco
 CLIP-L/336-width tower (2 layers run by both sides), one 336x336 image (576 tokens) + ~40 text tokens, 32 greedy
 tokens, fp32. The baseline is transformers' Phi + CLIPVisionModel + the same projector, expert 0 of each MoE layer
 as its dense FFN, driven by ``generate``; ours is ``moevl.model.generate`` on a MoeLlavaSession. Rounds alternate,
-medians are reported. This is a benchmark, not a test: run ``python -m moevl.benchmarks.e2e_moellava``.
+medians are reported. ``--dtype bf16`` / ``--quantize int8|int4`` run ours in that precision (weight-only int8/int4
+of the linears and the stacked experts, as ``moevl.load(..., quantize=)`` gives it) against the same fp32 baseline.
+This is a benchmark, not a test: run ``python -m moevl.benchmarks.e2e_moellava``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
 import platform
 import statistics
@@ -33,6 +37,22 @@ RESULTS = Path(__file__).parent / "results"
 def build_ours(cfg, device):
     model = random_model(cfg, seed=0, dtype=torch.float32, device=device.torch_device)
     moevl.place(model, device)  # the device's kernels, as moevl.load gives them
+    return session_of(model, device)
+
+
+def variant_of(fp32_session, device, quantize: str | None):
+    """Ours in ``device``'s dtype, quantised when asked, from the fp32 model (which the baseline keeps sharing)."""
+    from moevl.kernels import quant
+
+    model = copy.deepcopy(fp32_session.model).to(device.dtype)
+    if quantize:
+        quant.quantize_model(model, quantize)
+    gc.collect()
+    moevl.place(model, device)
+    return session_of(model, device)
+
+
+def session_of(model, device):
     s = MoeLlavaSession(model, NoProcessor(), device)
     s.eos_token_ids = {-1}  # the benchmark needs exactly n tokens
     return s
@@ -118,6 +138,34 @@ def run_baseline(lm, tower, projector, batch, n):
     return ttft, (total - ttft) / (n - 1), out[0].tolist()
 
 
+def held_bytes(module: torch.nn.Module, expert_share: float = 1.0) -> int:
+    """Bytes of the weights ``module`` holds, in the form they are held (int8/int4 + scales, oneDNN-packed, float);
+    an MoE FFN's per-expert stacks (weights, float or quantised, and biases) count ``expert_share`` of their bytes."""
+    from moevl.kernels import quant
+
+    total, seen = 0.0, set()
+    for name, mod in module.named_modules():
+        if any(name.startswith(p + ".") for p in seen):
+            continue
+        if isinstance(mod, quant.QuantizedExperts):
+            total += expert_share * mod.nbytes()
+            seen.add(name)
+        elif isinstance(mod, quant.QuantizedWeight):
+            total += mod.nbytes()
+            seen.add(name)
+        else:  # an MoE FFN's parameters other than its router are per-expert stacks (weights [E, o, i], biases [E, o])
+            stacked = hasattr(mod, "stacked_expert_weights")
+            for pname, p in mod.named_parameters(recurse=False):
+                total += p.numel() * p.element_size() * (expert_share if stacked and pname != "router" else 1.0)
+    return int(total)
+
+
+def measured_bytes_per_decode_step(model, top_k: int) -> int:
+    """What one decode token reads of ``model`` as held: the decoder layers (top_k of each MoE layer's experts)
+    and lm_head (the embedding row and the vision tower are not read per token)."""
+    return held_bytes(model.model.layers, top_k / model.cfg.num_experts) + held_bytes(model.lm_head)
+
+
 def weight_bytes_per_decode_step(cfg, top_k: int | None) -> int:
     """Weights read for one decode token: attention + dense FFNs + (top_k experts or the dense FFN) + lm_head."""
     h, f = cfg.hidden_size, cfg.intermediate_size
@@ -136,13 +184,22 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--text-tokens", type=int, default=40)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="ours (the baseline stays fp32)")
+    ap.add_argument("--quantize", default=None, choices=("int8", "int4"), help="ours: weight-only, bf16 activations")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    if args.quantize and args.dtype != "bf16":
+        ap.error(f"--quantize {args.quantize} runs with bf16 activations (the CPU int8/int4 kernels): add --dtype bf16")
     device = resolve_device(args.device, "fp32")
     cfg = moellava_phi2_width()
     print("building Phi-2-width MoE-LLaVA (4 layers, MoE on 0 and 2) and the dense baseline ...", flush=True)
     ours = build_ours(cfg, device)
     lm, tower, projector = build_baseline(ours)
+    fp32_bytes = measured_bytes_per_decode_step(ours.model, cfg.top_k)
+    variant = f"{args.dtype}" + (f" {args.quantize}" if args.quantize else "")
+    if variant != "fp32":
+        ours = variant_of(ours, resolve_device(args.device, args.dtype), args.quantize)
+    ours_bytes = measured_bytes_per_decode_step(ours.model, cfg.top_k)
     batch = make_request(cfg, args.text_tokens)
     run_ours(ours, batch, 2)  # warm-up both
     run_baseline(lm, tower, projector, batch, 2)
@@ -161,7 +218,9 @@ def main(argv=None) -> int:
                "decode_ms_per_token": statistics.median(x[1] for x in v)} for k, v in rows.items()}
     ratios = {"ttft": med["ours"]["ttft_ms"] / med["baseline"]["ttft_ms"],
               "decode": med["ours"]["decode_ms_per_token"] / med["baseline"]["decode_ms_per_token"],
-              "decode_bytes_ideal": weight_bytes_per_decode_step(cfg, cfg.top_k) / weight_bytes_per_decode_step(cfg, None)}
+              "decode_bytes_ideal": ours_bytes / weight_bytes_per_decode_step(cfg, None),
+              "fp32_decode_bytes_ideal": weight_bytes_per_decode_step(cfg, cfg.top_k) / weight_bytes_per_decode_step(
+                  cfg, None)}
     command = "python -m moevl.benchmarks.e2e_moellava " + " ".join(argv if argv is not None else sys.argv[1:])
     payload = {"benchmark": "e2e-moellava", "command": command.strip(),
                "config": {"hidden": cfg.hidden_size, "mlp": cfg.intermediate_size, "heads": cfg.num_heads,
@@ -169,7 +228,10 @@ def main(argv=None) -> int:
                           "experts": cfg.num_experts, "top_k": cfg.top_k, "vision_layers_run": cfg.vision.layers_used,
                           "image_tokens": cfg.vision.num_image_tokens,
                           "prompt_tokens": int(batch.input_ids.shape[1]), "new_tokens": args.new_tokens,
-                          "rounds": args.rounds, "dtype": "fp32", "moe_routing": "deterministic"},
+                          "rounds": args.rounds, "dtype": args.dtype, "quantize": args.quantize,
+                          "moe_routing": "deterministic"},
+               "weight_bytes_per_decode_step": {"ours": ours_bytes, "ours_fp32": fp32_bytes,
+                                                "baseline": weight_bytes_per_decode_step(cfg, None)},
                "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                                "python": platform.python_version(), "device": device.describe(),
                                "cpu_flags": cpu_flags()},
@@ -178,13 +240,17 @@ def main(argv=None) -> int:
                                                "note": "DeepSpeed original, measured by the issue's author"},
                "raw": rows}
     md = "\n".join([
-        f"# End-to-end: MoE-LLaVA (ours, top-2 of 4) vs transformers dense Phi, {device.describe()['chip']}", "",
+        f"# End-to-end: MoE-LLaVA (ours {variant}, top-2 of 4) vs transformers dense Phi fp32, "
+        f"{device.describe()['chip']}", "",
         f"Command: `{payload['command']}`  ",
         f"Phi-2 width, {cfg.num_layers} layers (MoE on {list(cfg.moe_layers)}), CLIP-L/336-width tower "
-        f"({cfg.vision.layers_used} layers run), fp32, {batch.input_ids.shape[1]} prompt tokens "
+        f"({cfg.vision.layers_used} layers run), ours {variant}, baseline fp32, {batch.input_ids.shape[1]} prompt "
+        "tokens "
         f"({cfg.vision.num_image_tokens} image), {args.new_tokens} greedy tokens, medians of {args.rounds} "
         f"alternating rounds, torch {torch.__version__}, {torch.get_num_threads()} threads. "
-        "No NPU figures: nothing ran on an NPU.", "",
+        "No NPU figures: nothing ran on an NPU. Weights read per decode token (as held; top-2 of each MoE layer's "
+        f"experts, lm_head): ours {ours_bytes / 1e6:.0f} MB, baseline "
+        f"{payload['weight_bytes_per_decode_step']['baseline'] / 1e6:.0f} MB; bytes-ideal = their ratio.", "",
         "| | ours | dense baseline | ratio | target | original (DeepSpeed) |", "|---|---|---|---|---|---|",
         f"| time to first token (ms) | {med['ours']['ttft_ms']:.0f} | {med['baseline']['ttft_ms']:.0f} | "
         f"{ratios['ttft']:.3f} | <= 1.4 | 2.40 |",
@@ -193,8 +259,9 @@ def main(argv=None) -> int:
         f"{ratios['decode_bytes_ideal']:.3f}) | <= 1.3 | 1.65 |", "", cpu_line(), ""])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "e2e-moellava-cpu.json").write_text(json.dumps(payload, indent=2))
-    (out / "e2e-moellava-cpu.md").write_text(md)
+    stem = "e2e-moellava" + ("" if variant == "fp32" else "-" + variant.replace(" ", "-"))
+    (out / f"{stem}-cpu.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{stem}-cpu.md").write_text(md)
     print(md)
     return 0
 

@@ -81,7 +81,7 @@ def run_model(model: str, records, variants, work: Path, batch_size: int, max_ne
     from moevl.train.evaluate import evaluate
 
     family = _family(model)
-    results, not_run, answers = {}, {}, {}
+    results, not_run, answers, experts = {}, {}, {}, {}
     onnx_dir = None
     for variant in variants:
         tick()  # the progress bar counts every variant, the ones that do not apply too
@@ -101,6 +101,7 @@ def run_model(model: str, records, variants, work: Path, batch_size: int, max_ne
             continue
         results[variant] = _summary(report)
         answers[variant] = [p["prediction"] for p in report["predictions"]]
+        experts[variant] = [p.get("experts") or {} for p in report["predictions"]]
     ref = answers.get(REFERENCE)
     for variant, r in results.items():
         if ref is not None:
@@ -108,7 +109,24 @@ def run_model(model: str, records, variants, work: Path, batch_size: int, max_ne
             r["delta_points"] = {k: None if v is None or results[REFERENCE]["accuracy"][k] is None else
                                  round(100 * (v - results[REFERENCE]["accuracy"][k]), 2)
                                  for k, v in r["accuracy"].items()}
+        if REFERENCE in experts:
+            r["routing_changed_vs_fp32"] = routing_changes(experts[variant], experts[REFERENCE],
+                                                           r["routing_unit"])
     return {"family": family.name, "variants": results, "not_run": not_run | NOT_HERE}
+
+
+def routing_changes(picked: list[dict], reference: list[dict], unit: str) -> dict:
+    """How many routing decisions differ from the reference's, question by question. ``picked``/``reference``: per
+    question {router: expert} as ``evaluate`` records it (Awaker, unit "request": the expert the router chose for that
+    request; MoE-LLaVA, unit "token-slot": the expert that took the most of that question's token slots)."""
+    pairs = [(a.get(name), b[name]) for a, b in zip(picked, reference) for name in b]
+    changed_q = sum(any(a.get(name) != b[name] for name in b) for a, b in zip(picked, reference) if b)
+    asked = sum(1 for b in reference if b)
+    return {"decisions": len(pairs), "changed": sum(a != b for a, b in pairs),
+            "fraction": None if not pairs else round(sum(a != b for a, b in pairs) / len(pairs), 6),
+            "questions_with_a_change": None if not asked else round(changed_q / asked, 6),
+            "what": "the expert each router chose per request" if unit == "request" else
+                    "the busiest expert per question and MoE layer (token-level routing: a proxy)"}
 
 
 def _pct(x) -> str:
@@ -145,6 +163,8 @@ def render(payload: dict) -> str:
             _pct(m["variants"][v]["caption"].get("all", {}).get("f1")) for v in variants) + " |")
         lines.append("| same answer as torch fp32 | " + " | ".join(
             _pct(m["variants"][v].get("same_answer_as_fp32")) for v in variants) + " |")
+        lines.append("| routing decisions changed vs torch fp32 (% of question x router) | " + " | ".join(
+            _pct((m["variants"][v].get("routing_changed_vs_fp32") or {}).get("fraction")) for v in variants) + " |")
         lines.append("| routing NMI task/expert (mean over routers) | " + " | ".join(
             "-" if m["variants"][v]["routing_mean_nmi"] is None else f"{m['variants'][v]['routing_mean_nmi']:.3f}"
             for v in variants) + " |")
@@ -155,6 +175,10 @@ def render(payload: dict) -> str:
               f"- Target: every deployment variant within 1 point of torch fp32 per task, int8 excepted. {INT8}",
               "- torch fp32 gumbel (MoE-LLaVA only) is the original's routing, not a deployment variant: its second "
               "expert is drawn with Gumbel noise, so its answers are expected to differ from deterministic top-2.",
+              "- Routing decisions changed: per question and router, whether the variant picked another expert than "
+              "torch fp32 (Awaker: the expert each router chose for the request; MoE-LLaVA, whose routing is per "
+              "token: the expert that took most of the question's token slots, a proxy). Quantisation leaves the "
+              "routers in the compute dtype; what changes is their input, computed through quantised layers.",
               "- Routing NMI: the normalised mutual information between the question's task and the expert a "
               "router picks (Awaker: one expert per request and router; MoE-LLaVA: token-slots, prompt and "
               "generated tokens), averaged over routers; 0 = routing ignores the task, 1 = one expert per task.", ""]

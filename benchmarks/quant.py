@@ -7,7 +7,9 @@ The same model as benchmarks.e2e (Awaker at Qwen2-VL-7B width, 2 decoder layers,
 4 + 1 experts, one image of 64 tokens + ~40 text tokens, greedy). Variants, all built from the same random weights:
 transformers Qwen2-VL fp32 (the baseline, sharing our base tensors), ours fp32, ours bf16, ours bf16 + int8 weights,
 ours bf16 + int4 weights (group 128, with zero points), as ``moevl.load(..., dtype=, quantize=)`` gives them.
-Every round runs each variant once, in turn (medians over rounds; ratios are per round, then the median).
+Variants are built one at a time beside the fp32 model (at 7B width all at once needs more than 24 GB); while one
+is in memory, every round runs the baseline, ours fp32 and that variant once each, in turn (medians over rounds;
+ratios are per round against the baseline of the same round, then the median).
 Read bandwidth (``W.sum()`` on 1 GiB) is measured in the same run. Accuracy here is against ours fp32 on the same
 random weights (logits of the first token, greedy-token agreement, routing decisions); task accuracy comes from
 ``moevl eval`` on trained weights (benchmarks/quality.py), which this file does not run.
@@ -116,6 +118,12 @@ def clone_in(model, dtype):
     clone.load_state_dict(sd, assign=True)
     clone.init_buffers()
     return clone
+
+
+def current_rss() -> int:
+    """This process's resident set now, bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return 1024 * int(next(line for line in f if line.startswith("VmRSS")).split()[1])
 
 
 def make_batch(cfg, copies: int):
@@ -348,6 +356,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-rss-check", action="store_true")
     ap.add_argument("--no-kernel-table", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--both-fp32-layouts", action="store_true",
+                    help="also time fp32 with every base linear oneDNN-packed (about 4 GB more at 7B width)")
     ap.add_argument("--only-load-check", action="store_true",
                     help="only the saved-int4 load check (bf16 model, little memory), written to quant-load-<device>")
     ap.add_argument("--only-kernel-table", action="store_true",
@@ -361,99 +371,124 @@ def main(argv=None) -> int:
     cfg = awaker_7b_width(num_layers=args.layers)
     cfg.adapters = AdapterConfig(num_experts=4, rank=args.rank, alpha=2.0 * args.rank)
     dev32 = resolve_device("cpu", "fp32")
-    print(f"building 7B-width model ({args.layers} layers, r={args.rank}) and its variants ...", flush=True)
+    print(f"building 7B-width model ({args.layers} layers, r={args.rank}) ...", flush=True)
     ours = build_ours(cfg, dev32, place=False)
     hf = build_baseline(ours)  # shares our plain base tensors
     for _, mod in quant.base_linears(ours):  # the per-shape layout timings, fp32 (bf16: when its variant loads)
         quant.measure_layout(mod.weight)
-    os.environ["MOEVL_CPU_LAYOUT"] = "plain"  # ours fp32 is measured in both layouts explicitly (LayoutSwitch)
-    moevl.place(ours, dev32)
-    os.environ.pop("MOEVL_CPU_LAYOUT")
-    sessions, build_s, rss = {}, {}, None
+    variants = [v for v in VARIANTS if args.both_fp32_layouts or v[0] != "ours fp32 (oneDNN)"]
+    if args.both_fp32_layouts:  # ours fp32 is measured in both layouts explicitly (LayoutSwitch)
+        os.environ["MOEVL_CPU_LAYOUT"] = "plain"
+    moevl.place(ours, dev32)  # otherwise: the layout moevl.load picks per shape (the layout table below)
+    os.environ.pop("MOEVL_CPU_LAYOUT", None)
+    sessions = {"ours fp32": AwakerSession(ours, NoProcessor(), dev32)}
+    if args.both_fp32_layouts:
+        switch = LayoutSwitch(ours)
+        sessions["ours fp32 (oneDNN)"] = SwitchedSession(AwakerSession(ours, NoProcessor(), dev32), switch, "onednn")
+        sessions["ours fp32"] = SwitchedSession(sessions["ours fp32"], switch, "plain")
+    fixed = [BASELINE] + [n for n in sessions]
+    batch1 = make_batch(cfg, 1)
+    batch8 = make_batch(cfg, 8) if args.batch8_tokens else None
+    bw = read_bandwidth_gbs()
+    ref_logits = first_logits(sessions["ours fp32"], batch1)
+    ref_tokens = run(sessions["ours fp32"], batch1, args.new_tokens).token_ids[0]
+    ref_routing = [d.to_dict() for d in sessions["ours fp32"].routing_decisions()]
+
+    def accuracy_of(s) -> dict:
+        """Against ours fp32 on the same random weights."""
+        lg = first_logits(s, batch1)
+        toks = run(s, batch1, args.new_tokens).token_ids[0]
+        routing = [d.to_dict() for d in s.routing_decisions()]
+        same = next((i for i, (a, b) in enumerate(zip(toks, ref_tokens)) if a != b), len(toks))
+        changed = sum(1 for a, b in zip(routing, ref_routing) if a["expert"] != b["expert"])
+        return {"first_logits_rel_err": ((lg - ref_logits).abs().max() / ref_logits.abs().max()).item(),
+                "first_token_equal": bool(lg.argmax(-1).eq(ref_logits.argmax(-1)).all()),
+                "greedy_tokens_equal_before_first_divergence": same,
+                "token_agreement": sum(a == b for a, b in zip(toks, ref_tokens)) / len(toks),
+                "routing_decisions_changed": changed, "routing_decisions": len(routing)}
+
+    # One variant in memory at a time beside the fp32 model (which the transformers baseline shares): every
+    # phase times the baseline, ours fp32 and that variant in turn, round by round, then frees the variant. At 7B
+    # width holding every variant at once took more than 24 GB.
+    phases = [None] + [v for v in variants if v[0] not in sessions]
+    names = fixed + [v[0] for v in phases[1:]]
+    rows = {n: [] for n in names}
+    ratio = {n: {"decode": [], "ttft": []} for n in names}
+    rows8 = {n: [] for n in names if n != BASELINE}
+    accuracy, build_s, rss_after_build = {}, {}, {}
+    rss = None
     rss_dir = tempfile.TemporaryDirectory()
-    for name, dtype, mode in VARIANTS:
-        t0 = time.perf_counter()
-        dev = resolve_device("cpu", dtype)
-        if name == "ours fp32":
-            model = ours
-        elif name == "ours fp32 (oneDNN)":
-            model = ours
-            switch = LayoutSwitch(ours)
-        else:
+    kernels_of, bytes_of = {}, {}
+    per_round = len(fixed) + 1 + (1 if batch8 is not None else 0)
+    bar = progress(args.rounds * (len(phases) * per_round + (len(fixed) - 1) * (batch8 is not None)),
+                   "quant bench")
+    for phase in phases:
+        active = dict(sessions)
+        if phase is not None:
+            name, dtype, mode = phase
+            bar.set_postfix_str(f"building {name}")
+            t0 = time.perf_counter()
+            dev = resolve_device("cpu", dtype)
             model = clone_in(ours, dev.dtype)
             if mode is not None:
                 quant.quantize_model(model, mode)
             if mode == "int4" and not args.no_rss_check:  # saved in the stored form, before the CPU layout
                 rss = load_rss_check(model, Path(rss_dir.name))
             moevl.place(model, dev)
-        gc.collect()
-        sessions[name] = AwakerSession(model, NoProcessor(), dev)
-        if name == "ours fp32 (oneDNN)":
-            sessions[name] = SwitchedSession(sessions[name], switch, "onednn")
-            sessions["ours fp32"] = SwitchedSession(sessions["ours fp32"], switch, "plain")
-        build_s[name] = time.perf_counter() - t0
-    batch1 = make_batch(cfg, 1)
-    batch8 = make_batch(cfg, 8) if args.batch8_tokens else None
-    bw = read_bandwidth_gbs()
-
-    # accuracy vs ours fp32 on the same random weights
-    ref_logits = first_logits(sessions["ours fp32"], batch1)
-    ref_tokens = run(sessions["ours fp32"], batch1, args.new_tokens).token_ids[0]
-    ref_routing = [d.to_dict() for d in sessions["ours fp32"].routing_decisions()]
-    accuracy = {}
-    for name, s in sessions.items():
-        lg = first_logits(s, batch1)
-        toks = run(s, batch1, args.new_tokens).token_ids[0]
-        routing = [d.to_dict() for d in s.routing_decisions()]
-        same = next((i for i, (a, b) in enumerate(zip(toks, ref_tokens)) if a != b), len(toks))
-        changed = sum(1 for a, b in zip(routing, ref_routing) if a["expert"] != b["expert"])
-        accuracy[name] = {"first_logits_rel_err": ((lg - ref_logits).abs().max() / ref_logits.abs().max()).item(),
-                          "first_token_equal": bool(lg.argmax(-1).eq(ref_logits.argmax(-1)).all()),
-                          "greedy_tokens_equal_before_first_divergence": same,
-                          "token_agreement": sum(a == b for a, b in zip(toks, ref_tokens)) / len(toks),
-                          "routing_decisions_changed": changed, "routing_decisions": len(routing)}
-
-    run(sessions["ours fp32"], batch1, 3)  # warm-up
-    run_baseline(hf, batch1, 3)
-    names = [BASELINE] + list(sessions)
-    rows = {n: [] for n in names}
-    rows8 = {n: [] for n in sessions}
-    bar = progress(args.rounds * (len(names) + (len(sessions) if batch8 is not None else 0)), "quant bench")
-    for _ in range(args.rounds):
-        for n in names:
-            bar.set_postfix_str(n)
-            if n == BASELINE:
-                rows[n].append(run_baseline(hf, batch1, args.new_tokens))
-            else:
-                res = run(sessions[n], batch1, args.new_tokens)
-                rows[n].append((res.ttft_ms, res.decode_ms / (args.new_tokens - 1)))
-            bar.update()
-        if batch8 is not None:
-            for n, s in sessions.items():
-                bar.set_postfix_str(n + " batch 8")
-                res = run(s, batch8, args.batch8_tokens)
-                rows8[n].append(8 * (args.batch8_tokens - 1) / (res.decode_ms / 1000))
+            gc.collect()
+            active[name] = AwakerSession(model, NoProcessor(), dev)
+            build_s[name] = time.perf_counter() - t0
+            rss_after_build[name] = current_rss()
+        else:
+            rss_after_build["ours fp32"] = current_rss()
+        for n, s in active.items():
+            if n not in accuracy:
+                accuracy[n] = accuracy_of(s)
+                kernels_of[n] = (quant.describe(s.model) or {}).get("kernels")
+                bytes_of[n] = weight_bytes(s.model)
+        for n, s in active.items():  # warm-up
+            run(s, batch1, 3)
+        run_baseline(hf, batch1, 3)
+        timed = [BASELINE] + list(active) if phase is None else [BASELINE, "ours fp32", phase[0]]
+        for _ in range(args.rounds):
+            here = {}
+            for n in timed:
+                bar.set_postfix_str(n)
+                if n == BASELINE:
+                    here[n] = run_baseline(hf, batch1, args.new_tokens)
+                else:
+                    res = run(active[n], batch1, args.new_tokens)
+                    here[n] = (res.ttft_ms, res.decode_ms / (args.new_tokens - 1))
+                rows[n].append(here[n])
+                ratio[n]["ttft"].append(here[n][0] / here[BASELINE][0])
+                ratio[n]["decode"].append(here[n][1] / here[BASELINE][1])
                 bar.update()
+            if batch8 is not None:
+                for n in (list(active) if phase is None else [phase[0]]):
+                    bar.set_postfix_str(n + " batch 8")
+                    res = run(active[n], batch8, args.batch8_tokens)
+                    rows8[n].append(8 * (args.batch8_tokens - 1) / (res.decode_ms / 1000))
+                    bar.update()
+        if phase is not None:
+            del active[phase[0]], model
+            gc.collect()
     bar.close()
-
-    base_decode = [r[1] for r in rows[BASELINE]]
-    base_ttft = [r[0] for r in rows[BASELINE]]
+    sessions_bytes = bytes_of
     table = []
     for n in names:
-        model = sessions[n].model if n != BASELINE else ours
-        nbytes = weight_bytes(model, adapters=n != BASELINE)
+        nbytes = weight_bytes(ours, adapters=False) if n == BASELINE else sessions_bytes[n]
         dec = median([r[1] for r in rows[n]])
         row = {"variant": n, "ttft_ms": median([r[0] for r in rows[n]]), "decode_ms_per_token": dec,
                "tokens_per_s_batch1": 1000.0 / dec,
                "tokens_per_s_batch8": median(rows8[n]) if rows8.get(n) else None,
-               "decode_vs_transformers_fp32": median([r[1] / b for r, b in zip(rows[n], base_decode)]),
-               "ttft_vs_transformers_fp32": median([r[0] / b for r, b in zip(rows[n], base_ttft)]),
+               "decode_vs_transformers_fp32": median(ratio[n]["decode"]),
+               "ttft_vs_transformers_fp32": median(ratio[n]["ttft"]),
                "weight_bytes_per_step": nbytes,
                "decode_bandwidth_gbs": nbytes / (dec / 1000) / 1e9,
-               "build_s": build_s.get(n), "per_round": rows[n]}
+               "build_s": build_s.get(n), "rss_after_build_bytes": rss_after_build.get(n), "per_round": rows[n]}
         row["fraction_of_read_bandwidth"] = row["decode_bandwidth_gbs"] / bw["sum"]
-        if n in sessions:
-            row["kernels"] = (quant.describe(sessions[n].model) or {}).get("kernels")
+        if n in accuracy:
+            row["kernels"] = kernels_of[n]
             row.update(accuracy[n])
         table.append(row)
 
@@ -478,14 +513,18 @@ def main(argv=None) -> int:
                            "bf16_decode_vs_transformers_fp32": 0.5, "bf16_ttft_vs_transformers_fp32": 0.6,
                            "load_growth_over_file": 1.3},
                "ort_cpu_json": ort, "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-               "shared_machine_note": "2 cores shared with other jobs: figures are noisy; ratios are per round"}
+               "shared_machine_note": "2 cores shared with other jobs: figures are noisy; ratios are per round",
+               "rss_note": "rss_after_build_bytes: the process (ours fp32 + the transformers baseline sharing its base "
+                           "tensors + that one variant) right after the variant was built"}
     cmd = f"python -m moevl.benchmarks.quant {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
     md = [f"# Decode per precision at 7B width ({args.layers} layers): {cpu}", "",
           f"Command: `{cmd}`  ", f"CPU flags: {', '.join(flags) or 'unknown'}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; read bandwidth (sum of 1 GiB) {bw['sum']:.1f} GB/s, fp32 GEMV "
-          f"{bw['gemv']:.1f} GB/s, measured in this run. Medians of {args.rounds} rounds, each variant once per round "
-          f"in turn; ratios are per round, then the median. {batch1.input_ids.shape[1]} prompt tokens (64 image), "
-          f"{args.new_tokens} greedy tokens at batch 1; batch 8: {args.batch8_tokens} tokens per request. "
+          f"{bw['gemv']:.1f} GB/s, measured in this run. Variants built one at a time beside ours fp32; with each, "
+          f"{args.rounds} rounds of transformers fp32, ours fp32 and that variant in turn (baseline and ours fp32: "
+          f"medians over every round); ratios are per round against that round's baseline, then the median. "
+          f"{batch1.input_ids.shape[1]} prompt tokens (64 image), {args.new_tokens} greedy tokens at batch 1; "
+          f"batch 8: {args.batch8_tokens} tokens per request. "
           "Shared 2-core machine: noisy. No NPU/GPU figures: nothing ran on one.", "",
           "| variant | TTFT ms | decode ms/token | vs transformers fp32 (decode / TTFT) | tok/s b1 | tok/s b8 | "
           "weight MB/step | % of read bw | first-logits err | tokens = fp32 | routing changed |",

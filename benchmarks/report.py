@@ -110,8 +110,9 @@ def read_quant(payload: dict, path: Path) -> Source:
     c, env = payload.get("config", {}), payload.get("environment", {})
     src = Source("Q", path.name, f"benchmarks.quant: Awaker at Qwen2-VL-7B width, {c.get('layers')} decoder layers, "
                  f"adapters r={c.get('rank')}, random weights, {c.get('prompt_tokens')} prompt tokens (64 image), "
-                 f"{c.get('new_tokens')} greedy tokens, medians of {c.get('rounds')} rounds, every variant side by side "
-                 "in one process", env.get("command", "not recorded"), _date(env, path),
+                 f"{c.get('new_tokens')} greedy tokens, medians of {c.get('rounds')} rounds; in one process, each "
+                 "variant timed in turn with the baseline and ours fp32 in the same rounds",
+                 env.get("command", "not recorded"), _date(env, path),
                  payload.get("cpu") or _env_cpu(env)[0], payload.get("cpu_flags", env.get("cpu_flags")), LATENCY)
     peak = payload.get("process_peak_rss_bytes")
     load = payload.get("load_rss_check") or {}
@@ -128,6 +129,10 @@ def read_quant(payload: dict, path: Path) -> Source:
                  "rss_bytes": Cell(peak, "peak RSS of the whole benchmarks.quant process, which held every variant "
                                          "at once: an upper bound for one", upper_bound=True) if peak else
                  Cell(None, "not recorded by that run")}
+        if r.get("rss_after_build_bytes"):
+            cells["rss_bytes"] = Cell(r["rss_after_build_bytes"], "RSS of the benchmarks.quant process holding ours "
+                                      "fp32, the transformers baseline (sharing its base tensors) and this variant: "
+                                      "an upper bound for this variant alone", upper_bound=True)
         if r["variant"].startswith("ours int4") and load.get("peak_rss_after_load"):
             cells["rss_bytes"] = Cell(load["peak_rss_after_load"], "peak RSS of a fresh process loading the saved "
                                       "int4 model (benchmarks.quant's load check)")

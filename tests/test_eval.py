@@ -246,4 +246,18 @@ def test_the_quality_report_runs_its_variants_and_names_what_it_did_not_run(tmp_
     assert m["variants"]["torch bf16"]["delta_points"]["count/en"] is not None or \
         m["variants"]["torch bf16"]["accuracy"]["count/en"] is None
     assert "om (Ascend OM)" in m["not_run"] and payload["n"] == 2
-    assert "| count/en |" in (tmp_path / "quality-cpu.md").read_text()
+    assert m["variants"]["torch fp32"]["routing_changed_vs_fp32"]["fraction"] == 0.0
+    assert m["variants"]["torch bf16"]["routing_changed_vs_fp32"]["decisions"] == 2 * 8  # 2 questions x 8 routers
+    md = (tmp_path / "quality-cpu.md").read_text()
+    assert "| count/en |" in md and "| routing decisions changed vs torch fp32" in md
+
+
+def test_routing_changes_counts_question_router_pairs_that_differ():
+    from moevl.benchmarks.quality import routing_changes
+
+    ref = [{"L0.attn": 1, "L0.mlp": 2}, {"L0.attn": 0, "L0.mlp": 0}, {"L0.attn": 3, "L0.mlp": 1}]
+    got = [{"L0.attn": 1, "L0.mlp": 0}, {"L0.attn": 0, "L0.mlp": 0}, {"L0.attn": 2, "L0.mlp": 2}]
+    r = routing_changes(got, ref, "request")
+    assert (r["decisions"], r["changed"]) == (6, 3) and r["fraction"] == 0.5
+    assert r["questions_with_a_change"] == round(2 / 3, 6) and "request" in r["what"]
+    assert routing_changes(ref, ref, "token-slot")["fraction"] == 0.0

@@ -266,3 +266,27 @@ def test_quantised_experts_run_the_npu_weight_quant_op_on_the_emulated_npu():
     assert vl.device.torch_npu().calls["npu_weight_quant_batchmatmul"] == 3 * per_forward
     assert {m.kernel_name for mlp in moe_layers(vl) for m in mlp.w_in} == {
         "torch_npu.npu_weight_quant_batchmatmul (W8A16)"}
+
+
+@pytest.mark.parametrize("mode", [None, "int8"])
+def test_the_moellava_benchmark_counts_the_bytes_a_decode_token_reads_as_held(mode):
+    """benchmarks.e2e_moellava's bytes per decode token, against a count written from the config here: fp32 4 bytes a
+    weight; int8 1 byte a weight + one bf16 scale per output row (the linears and the experts), the rest bf16."""
+    from moevl.benchmarks.e2e_moellava import measured_bytes_per_decode_step
+
+    s = moevl.load("moellava-tiny-random", device="cpu", dtype="fp32" if mode is None else "bf16", quantize=mode)
+    cfg = s.model.cfg
+    h, f, v, k, e = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.top_k, cfg.num_experts
+    fl = 4 if mode is None else 2
+
+    def linear(o, i, bias=True):  # weight as held + bias (float)
+        return (o * i * fl if mode is None else o * i + 2 * o) + (o * fl if bias else 0)
+
+    norms = 2 * h * fl  # one LayerNorm (weight + bias) per Phi layer
+    attn = 4 * linear(h, h)
+    dense_ffn = linear(f, h) + linear(h, f)
+    moe_ffn = k * (linear(f, h, False) + linear(h, f, False) + (f + h) * fl) + e * h * fl  # top-k experts + router
+    n_moe = len(cfg.moe_layers)
+    expected = (cfg.num_layers * (attn + norms) + (cfg.num_layers - n_moe) * dense_ffn + n_moe * moe_ffn
+                + linear(v, h, False))
+    assert measured_bytes_per_decode_step(s.model, k) == expected
