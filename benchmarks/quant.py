@@ -233,6 +233,47 @@ def kernel_table(shapes, repeats: int = 10) -> list[dict]:
     return rows
 
 
+def prefill_table(shapes, rows=(1, 8, 16, 32, 64, 119), repeats: int = 5) -> list[dict]:
+    """Many-row products (prefill) per weight shape: the int8 op row by row (``aten._weight_int8pack_mm``), the
+    int8 weight dequantised into bf16 + one bf16 GEMM (what kernels.quant does from PREFILL_ROWS rows on), the
+    int4 op, and bf16 F.linear; median ms of ``repeats`` after a warm-up. Weights larger than
+    quant.PREFILL_MAX_ELEMENTS (lm_head) are skipped: they keep the op."""
+    import statistics
+
+    def med(fn):
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return 1000 * statistics.median(ts)
+
+    out, saved = [], quant.PREFILL_ROWS
+    try:
+        for out_f, in_f in shapes:
+            if out_f * in_f > quant.PREFILL_MAX_ELEMENTS:
+                continue
+            w = torch.randn(out_f, in_f, dtype=torch.bfloat16)
+            i8, i4 = quant.Int8Weight.from_float(w), quant.Int4Weight.from_float(w)
+            quant.bind_cpu(i8)
+            quant.bind_cpu(i4)
+            for m in rows:
+                x = torch.randn(m, in_f, dtype=torch.bfloat16)
+                quant.PREFILL_ROWS = 1 << 30
+                op = med(lambda: i8.run(x, None))
+                quant.PREFILL_ROWS = 1
+                deq = med(lambda: i8.run(x, None))
+                out.append({"shape": [out_f, in_f], "rows": m, "int8_op_ms": op, "int8_dequant_bf16_ms": deq,
+                            "int4_op_ms": med(lambda: i4.run(x, None)),
+                            "bf16_ms": med(lambda: torch.nn.functional.linear(x, w))})
+            del w, i8, i4
+            gc.collect()
+    finally:
+        quant.PREFILL_ROWS = saved
+    return out
+
+
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     try:
         import matplotlib
@@ -277,13 +318,15 @@ def only_kernel_table(args, argv) -> int:
             del w
             gc.collect()
     rows = kernel_table(shapes)
+    prefill = prefill_table(shapes)
     bw_after = read_bandwidth_gbs()
     dev = resolve_device("cpu", "fp32")
     layouts = [{"out": k[0], "in": k[1], "dtype": str(k[2]).removeprefix("torch."), **v,
                 "chosen": quant._LAYOUT_CHOICE[k]} for k, v in quant.LAYOUT_TIMES.items()]
     payload = {"benchmark": "quant-kernels", "cpu": cpu_model_name(), "cpu_flags": cpu_flags(),
                "environment": environment(dev), "read_bandwidth_gbs": {"before": bw_before, "after": bw_after},
-               "layouts": layouts, "kernels_per_shape": rows}
+               "layouts": layouts, "kernels_per_shape": rows, "prefill_per_shape": prefill,
+               "prefill_rows_threshold": quant.PREFILL_ROWS}
     cmd = f"python -m moevl.benchmarks.quant {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
     forms = list(dict.fromkeys(r["form"] for r in rows))
     md = [f"# Decode GEMV per 7B-width weight shape: {cpu_model_name()}", "", f"Command: `{cmd}`  ",
@@ -301,6 +344,13 @@ def only_kernel_table(args, argv) -> int:
         cells = {r["form"]: r for r in rows if tuple(r["shape"]) == shape}
         md.append(f"| {shape[0]} x {shape[1]} | " + " | ".join(
             f"{cells[f]['ms']:.2f} ms ({cells[f]['gbs']:.1f} GB/s)" if f in cells else "-" for f in forms) + " |")
+    md += ["", f"Many-row products (prefill), median ms; from {quant.PREFILL_ROWS} rows on, kernels.quant dequantises "
+           "int8 into bf16 and runs one bf16 GEMM instead of the row-by-row op (lm_head, over "
+           "PREFILL_MAX_ELEMENTS, keeps the op):", "",
+           "| weight [out x in] | rows | int8 op | int8 dequantised + bf16 GEMM | int4 op | bf16 F.linear |",
+           "|---|---|---|---|---|---|"]
+    md += [f"| {r['shape'][0]} x {r['shape'][1]} | {r['rows']} | {r['int8_op_ms']:.1f} | "
+           f"{r['int8_dequant_bf16_ms']:.1f} | {r['int4_op_ms']:.1f} | {r['bf16_ms']:.1f} |" for r in prefill]
     j, m = write_results("quant-kernels", dev, payload, "\n".join(md) + "\n",
                          out=Path(args.out) if args.out else RESULTS)
     print("\n".join(md))

@@ -23,6 +23,8 @@ F.linear), the oracle.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -295,12 +297,40 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % INT8_CPU_ALIGN == 0 else t.clone()
 
 
+# Prefill (many rows at once): the int8 CPU op is a row-at-a-time product, ~1 ms per row for an 18944 x 3584
+# weight here, while dequantising into bf16 (one pass) and one bf16 GEMM (AMX/oneDNN) costs about what 16-24 of those
+# rows do, whatever the row count (`python -m moevl.benchmarks.quant --only-kernel-table` ->
+# benchmarks/results/quant-kernels-cpu.md, an Intel Xeon with AMX). So from PREFILL_ROWS rows on, the weight is
+# dequantised into a per-thread scratch buffer and multiplied in bf16 (weights over PREFILL_MAX_ELEMENTS, lm_head at
+# 7B width, keep the op: no 1 GB scratch). Int4's dequantisation in eager ops cost more than its op saved.
+PREFILL_ROWS = 32
+PREFILL_MAX_ELEMENTS = 1 << 27
+_scratch = threading.local()
+
+
+def _bf16_scratch(out_features: int, in_features: int) -> torch.Tensor:
+    """A bf16 [out, in] view of this thread's scratch buffer (grown when needed, kept for the next call)."""
+    need = out_features * in_features
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < need:
+        buf = _scratch.buf = torch.empty(need, dtype=torch.bfloat16)
+    return buf[:need].view(out_features, in_features)
+
+
+def _prefill_path(module: QuantizedWeight, rows: int) -> bool:
+    return rows >= PREFILL_ROWS and module.out_features * module.in_features <= PREFILL_MAX_ELEMENTS
+
+
 def _int8_cpu(module: Int8Weight):
     scales = module.scales.to(torch.bfloat16)
     module.qweight = _aligned(module.qweight)
 
     def kernel(x2, bias):
-        y = torch.ops.aten._weight_int8pack_mm(_aligned(x2.to(torch.bfloat16)), module.qweight, scales)
+        xb = x2.to(torch.bfloat16)
+        if _prefill_path(module, xb.shape[0]):  # (x q^T) * s = x (q * s)^T: the scales go on the output
+            y = F.linear(xb, _bf16_scratch(module.out_features, module.in_features).copy_(module.qweight)) * scales
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(_aligned(xb), module.qweight, scales)
         y = y.to(x2.dtype)
         return y if bias is None else y + bias.to(x2.dtype)
     return kernel
@@ -320,17 +350,48 @@ def _int4_cpu(module: Int4Weight):
     packed, sz = module.cpu_packed
     g = module.group_size
 
-    def kernel(x2, bias):
+    def kernel(x2, bias):  # (dequantising int4 into bf16 for prefill did not pay here: 80 ms for 18944 x 3584)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, g, sz)
         y = y.to(x2.dtype)
         return y if bias is None else y + bias.to(x2.dtype)
     return kernel
 
 
+def _cpu_int4_nibbles(packed: torch.Tensor, out_features: int, in_features: int, out=None) -> torch.Tensor:
+    """The 0..15 values [out, in] of ``_convert_weight_to_int4pack_for_cpu``'s layout, for out % 64 == 0: blocks of 64
+    rows, each [in, 32] bytes, the low nibble row j of the block and the high nibble row 32 + j (torch 2.13's CPU
+    layout, checked once per process by ``_cpu_int4_layout_known``): a pass over the bytes, where the general
+    route (``_unpack_cpu_int4``: the kernel on identity rows) costs a matmul. ``out``: where to write them."""
+    blocks = out_features // 64
+    b = packed.reshape(blocks, in_features, 32)
+    out = torch.empty(out_features, in_features, dtype=torch.uint8) if out is None else out
+    o = out.view(blocks, 2, 32, in_features)
+    o[:, 0].copy_((b & 0xF).transpose(1, 2))
+    o[:, 1].copy_((b >> 4).transpose(1, 2))
+    return out
+
+
+_LAYOUT_CHECK: list[bool] = []
+
+
+def _cpu_int4_layout_known() -> bool:
+    """Whether this torch's CPU int4 layout is the one ``_cpu_int4_nibbles`` reads (checked on random values)."""
+    if not _LAYOUT_CHECK:
+        q = torch.randint(0, 16, (128, 256), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            _LAYOUT_CHECK.append(torch.equal(_cpu_int4_nibbles(packed, 128, 256).to(torch.int32), q))
+        except RuntimeError:
+            _LAYOUT_CHECK.append(False)
+    return _LAYOUT_CHECK[0]
+
+
 def _unpack_cpu_int4(module: Int4Weight, rows: int = 1024) -> torch.Tensor:
     """The 0..15 values [out, in] back from the CPU layout: the kernel applied to identity rows gives W^T exactly
     (fp32 activations and fp32 scale 1 / zero 8: the values q themselves), a chunk of rows at a time."""
     packed, sz = module.cpu_packed
+    if module.out_features % 64 == 0 and _cpu_int4_layout_known():
+        return _cpu_int4_nibbles(packed, module.out_features, module.in_features)
     ones = torch.stack((torch.ones(sz.shape[:2]), torch.full(sz.shape[:2], 8.0)), dim=-1)  # q*1 - 8*1 + 8 = q
     out = torch.empty(module.out_features, module.in_features, dtype=torch.uint8)
     eye = torch.eye(module.in_features)

@@ -61,7 +61,7 @@ def _modules(w, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("tokens", [1, 7, 20])  # 2 x 20 rows: int8 takes the prefill path (dequantise + bf16 GEMM)
 def test_cpu_kernels_match_dequantise_then_matmul(shape, tokens, dtype):
     torch.manual_seed(0)
     w = torch.randn(shape)
@@ -90,6 +90,28 @@ def test_int4_cpu_layout_replaces_the_stored_nibbles_and_gives_them_back():
     assert m.qweight.numel() == 0  # one copy of the weight, not two
     assert torch.equal(m.stored_qweight(), stored)
     assert torch.equal(m.state_dict()["qweight"], stored)
+
+
+def test_int8_prefill_rows_go_through_the_bf16_scratch_and_decode_rows_do_not(monkeypatch):
+    calls = []
+    scratch = quant._bf16_scratch
+    monkeypatch.setattr(quant, "_bf16_scratch", lambda *a: calls.append(a) or scratch(*a))
+    m = quant.Int8Weight.from_float(torch.randn(96, 128), dtype=torch.bfloat16)
+    quant.bind_cpu(m)
+    m(torch.randn(quant.PREFILL_ROWS - 1, 128, dtype=torch.bfloat16))
+    assert calls == []
+    m(torch.randn(quant.PREFILL_ROWS, 128, dtype=torch.bfloat16))
+    assert calls == [(96, 128)]
+
+
+@pytest.mark.parametrize("rows", [128, 80])  # 128: the layout read directly; 80 (a tail block): the kernel route
+def test_int4_stored_nibbles_come_back_from_the_cpu_layout(rows):
+    q = torch.randint(0, 16, (rows, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(rows))
+    m = quant.Int4Weight(rows, 256, torch.float32, group_size=64)
+    m.qweight, m.scales, m.zeros = quant.pack_int4(q), torch.ones(rows, 4), torch.zeros(rows, 4)
+    quant.bind_cpu(m)
+    assert quant._cpu_int4_layout_known()
+    assert torch.equal(quant._unpack_cpu_int4(m).to(torch.int32), q)
 
 
 def test_int4_cpu_layout_packed_in_row_blocks_equals_packed_at_once():
