@@ -298,12 +298,12 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 # Prefill (many rows at once): the int8 CPU op is a row-at-a-time product, ~1 ms per row for an 18944 x 3584
-# weight here, while dequantising into bf16 (one pass) and one bf16 GEMM (AMX/oneDNN) costs about what 16-24 of those
+# weight here, while dequantising into bf16 (one pass) and one bf16 GEMM (AMX/oneDNN) costs about what 8-16 of those
 # rows do, whatever the row count (`python -m moevl.benchmarks.quant --only-kernel-table` ->
 # benchmarks/results/quant-kernels-cpu.md, an Intel Xeon with AMX). So from PREFILL_ROWS rows on, the weight is
 # dequantised into a per-thread scratch buffer and multiplied in bf16 (weights over PREFILL_MAX_ELEMENTS, lm_head at
 # 7B width, keep the op: no 1 GB scratch). Int4's dequantisation in eager ops cost more than its op saved.
-PREFILL_ROWS = 32
+PREFILL_ROWS = 16
 PREFILL_MAX_ELEMENTS = 1 << 27
 _scratch = threading.local()
 
