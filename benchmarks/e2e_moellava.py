@@ -11,7 +11,6 @@ This is a benchmark, not a test: run ``python -m moevl.benchmarks.e2e_moellava``
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import platform
@@ -40,11 +39,12 @@ def build_ours(cfg, device):
     return session_of(model, device)
 
 
-def variant_of(fp32_session, device, quantize: str | None):
-    """Ours in ``device``'s dtype, quantised when asked, from the fp32 model (which the baseline keeps sharing)."""
+def variant_of(cfg, device, quantize: str | None):
+    """Ours in ``device``'s dtype, quantised when asked: the same random weights as ``build_ours`` (same seed), built
+    again, so the fp32 model the baseline shares stays as it is."""
     from moevl.kernels import quant
 
-    model = copy.deepcopy(fp32_session.model).to(device.dtype)
+    model = random_model(cfg, seed=0, dtype=torch.float32, device=device.torch_device).to(device.dtype)
     if quantize:
         quant.quantize_model(model, quantize)
     gc.collect()
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     fp32_bytes = measured_bytes_per_decode_step(ours.model, cfg.top_k)
     variant = f"{args.dtype}" + (f" {args.quantize}" if args.quantize else "")
     if variant != "fp32":
-        ours = variant_of(ours, resolve_device(args.device, args.dtype), args.quantize)
+        ours = variant_of(cfg, resolve_device(args.device, args.dtype), args.quantize)
     ours_bytes = measured_bytes_per_decode_step(ours.model, cfg.top_k)
     batch = make_request(cfg, args.text_tokens)
     run_ours(ours, batch, 2)  # warm-up both
