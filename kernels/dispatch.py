@@ -105,6 +105,8 @@ class KernelRef:
         self.kernels = kernels or _BACKENDS["reference"]
 
     def __getattr__(self, name):
+        if "kernels" not in self.__dict__:  # mid-construction (copy.deepcopy, pickle): no attribute, not a KeyError
+            raise AttributeError(name)
         return getattr(self.__dict__["kernels"], name)
 
 

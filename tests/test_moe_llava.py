@@ -377,3 +377,17 @@ def test_loading_an_original_folder_prints_no_transformers_warnings(tmp_path, ca
                                                                          "crop_size": {"height": 56, "width": 56}})
     out, err = capfd.readouterr()
     assert "model of type" not in err and "Warning" not in err and err.strip() == "", err
+
+
+def test_a_model_deep_copies_with_its_kernel_handle():
+    import copy
+
+    import moevl
+
+    s = moevl.load("moellava-tiny-random", device="cpu", dtype="fp32")
+    twin = copy.deepcopy(s.model)
+    assert twin.ops is not s.model.ops and type(twin.ops.kernels) is type(s.model.ops.kernels)
+    theirs = s.model.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in twin.state_dict().items()) and len(theirs) > 10
+    x = torch.randn(1, 3, s.model.cfg.hidden_size)
+    assert torch.equal(twin.lm_head(x), s.model.lm_head(x))
