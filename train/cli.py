@@ -144,7 +144,7 @@ def cmd_train(args) -> int:
         except ValueError:
             raise ValueError(f"--moe-layers {args.moe_layers!r}: pass layer indices like 0,2") from None
     options = StageOptions(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha or 2.0 * args.lora_rank,
-                           experts=args.experts, moe_layers=moe_layers)
+                           experts=args.experts, moe_layers=moe_layers, freeze_vision=args.freeze_vision)
     run_stage(args.model, args.data, args.stage, args.out, args.device, settings, options, resume=args.resume,
               force=args.force, progress=not args.quiet, log=_eprint)
     print(args.out)
@@ -156,7 +156,9 @@ def add_train_parser(subparsers):
 
     p = subparsers.add_parser(
         "train", help="one stage of the training recipe (Awaker LoRA-MoE 0/1/2/3, MoE-LLaVA moe)",
-        description="Train one stage. 0: every weight (from scratch); 1: one peft LoRA on the frozen base "
+        description="Train one stage. vision: the vision tower pretrained on the shapes data set's scene "
+                    "annotations (dense probes; the stand-in for a pretrained ViT/CLIP); 0: every weight (from "
+                    "scratch; --freeze-vision keeps a pretrained tower); 1: one peft LoRA on the frozen base "
                     "(Awaker; also written as a peft adapter folder); 2: experts + global expert initialised from "
                     "the stage-1 LoRA, experts and routers trained; 3: routers frozen, experts trained; moe: "
                     "MoE-LLaVA's MoE-tuning (FFN copied into the experts, top-2 routing, load-balancing loss 0.01).")
@@ -174,6 +176,8 @@ def add_train_parser(subparsers):
     p.add_argument("--lora-alpha", type=float, default=None, help="stage 1: LoRA alpha (default 2 x rank)")
     p.add_argument("--experts", type=int, default=4, help="stage 2: task experts; moe: experts per MoE layer")
     p.add_argument("--moe-layers", default=None, help="moe: layer indices (default every other layer from 0)")
+    p.add_argument("--freeze-vision", action="store_true", help="stage 0: keep the vision tower as it is (after "
+                   "--stage vision); its merger / projector is still trained")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last saved state")
     p.add_argument("--force", action="store_true", help="replace an existing --out that is a moevl checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -7,9 +7,11 @@ What it does (every step through the public training API, ``moevl.train.recipe.r
   1. data: the synthetic shapes data set (``moevl.train.data.make_shapes``): a caption set for stage 0, a
      multi-task set (5 tasks x 2 languages) for the later stages, and a fresh validation split (other seed);
   2. a byte-level BPE trained on the data set's text (English and Chinese), Qwen2-VL's special tokens first;
-  3. awaker-tiny: a base (no adapters) trained from scratch on captions (stage 0, in two runs: a second one at a
-     lower peak rate), then stages 1, 2, 3 on the mix; moellava-tiny: a dense base trained from scratch on captions
-     likewise, then on the mix (stage 0 again, MoE-LLaVA's dense instruction stage), then MoE-tuning (stage moe);
+  3. awaker-tiny: the vision tower pretrained on the captions' scene annotations (stage vision: the stand-in for
+     Qwen2-VL's pretrained ViT), then a base (no adapters) trained from scratch on captions with that tower frozen
+     (stage 0, in two runs: a second one at a lower peak rate), then stages 1, 2, 3 on the mix; moellava-tiny: its
+     CLIP tower likewise (the stand-in for CLIP), a dense base trained on captions likewise, then on the mix
+     (stage 0 again, MoE-LLaVA's dense instruction stage), then MoE-tuning (stage moe);
   4. each model evaluated on the validation split (``moevl.train.evaluate``);
   5. ``--install``: the final weights + tokenizer + processor + measured quality written to model/assets/<preset>/,
      where the presets load them from.
@@ -46,21 +48,24 @@ class BuildPlan:
     mix: int = 24000              # multi-task records for the later stages
     validation: int = 1000        # per task and language: 5 x 2 x 1000 = 10000 records, another seed
     batch: int = 16
-    # about 45 minutes per model on one core (the two build side by side): most of it on the captions, where the
-    # vision tower and the merger learn to see (the later stages train LoRA adapters on the LLM only)
+    # about 45 minutes per model on one core (the two build side by side): the vision tower learns to see from
+    # the scene annotations first (stage vision), then the language model learns to describe what it sees on the
+    # captions with that tower frozen (the later stages train LoRA adapters on the LLM only)
     steps: dict = dataclasses.field(default_factory=lambda: {
-        "awaker.0": 6500, "awaker.0b": 2500, "awaker.1": 1800, "awaker.2": 600, "awaker.3": 600,
-        "moellava.0": 8000, "moellava.0b": 3000, "moellava.0mix": 1200, "moellava.moe": 600})
+        "awaker.v": 2000, "awaker.0": 5000, "awaker.0b": 1500, "awaker.1": 1800, "awaker.2": 600, "awaker.3": 600,
+        "moellava.v": 5000, "moellava.0": 7000, "moellava.0b": 2500, "moellava.0mix": 1200, "moellava.moe": 600})
     lr: dict = dataclasses.field(default_factory=lambda: {
-        "awaker.0": 3e-3, "awaker.0b": 1.5e-3, "awaker.1": 3e-3, "awaker.2": 1.5e-3, "awaker.3": 1.5e-3,
-        "moellava.0": 3e-3, "moellava.0b": 1.5e-3, "moellava.0mix": 1e-3, "moellava.moe": 1e-3})
+        "awaker.v": 2e-3, "awaker.0": 3e-3, "awaker.0b": 1.5e-3, "awaker.1": 3e-3, "awaker.2": 1.5e-3,
+        "awaker.3": 1.5e-3, "moellava.v": 2e-3, "moellava.0": 3e-3, "moellava.0b": 1.5e-3, "moellava.0mix": 1e-3,
+        "moellava.moe": 1e-3})
+    batches: dict = dataclasses.field(default_factory=lambda: {"awaker.v": 32, "moellava.v": 32})  # else ``batch``
     lora_rank: int = 32
     lora_alpha: float = 64.0
 
     @classmethod
     def smoke(cls) -> "BuildPlan":
-        return cls(captions=40, mix=60, validation=2, batch=4,
-                   steps={k: 2 for k in cls().steps}, lora_rank=4, lora_alpha=8.0)
+        return cls(captions=40, mix=60, validation=2, batch=4, steps={k: 2 for k in cls().steps},
+                   batches={k: 4 for k in cls().batches}, lora_rank=4, lora_alpha=8.0)
 
 
 # --------------------------------------------------------------------------------------------------- configs
@@ -195,8 +200,8 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         if (dest / "moevl_config.json").is_file():  # done by an earlier (interrupted) run of the build
             return dest
         t = time.time()
-        settings = TrainSettings(steps=plan.steps[key], lr=plan.lr[key], batch_size=plan.batch, seed=seed,
-                                 checkpoint_every=25)
+        settings = TrainSettings(steps=plan.steps[key], lr=plan.lr[key], batch_size=plan.batches.get(key, plan.batch),
+                                 seed=seed, checkpoint_every=25)
         run_stage(model, data_json, st, dest, "cpu", settings,
                   StageOptions(lora_rank=plan.lora_rank, lora_alpha=plan.lora_alpha, **opts), resume=True,
                   force=True, progress=progress, log=log)
@@ -209,8 +214,9 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         init = a / "init"
         if not (init / "moevl_config.json").is_file():
             random_checkpoint("awaker", awaker_config(), assets["awaker"], init, seed)
-        s0 = stage("awaker.0", init, captions, "0", a / "stage0")
-        s0 = stage("awaker.0b", s0, captions, "0", a / "stage0b")  # more caption steps at a lower peak rate
+        sv = stage("awaker.v", init, captions, "vision", a / "stage-vision")
+        s0 = stage("awaker.0", sv, captions, "0", a / "stage0", freeze_vision=True)
+        s0 = stage("awaker.0b", s0, captions, "0", a / "stage0b", freeze_vision=True)  # a lower peak rate
         s1 = stage("awaker.1", s0, mix, "1", a / "stage1")
         s2 = stage("awaker.2", s1, mix, "2", a / "stage2")
         finals["awaker"] = stage("awaker.3", s2, mix, "3", a / "stage3")
@@ -219,9 +225,10 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         init = m / "init"
         if not (init / "moevl_config.json").is_file():
             random_checkpoint("moe-llava", mcfg, assets["moellava"], init, seed)
-        s0 = stage("moellava.0", init, captions, "0", m / "stage0")
-        s0 = stage("moellava.0b", s0, captions, "0", m / "stage0b")
-        s0m = stage("moellava.0mix", s0, mix, "0", m / "stage0-mix")
+        sv = stage("moellava.v", init, captions, "vision", m / "stage-vision")
+        s0 = stage("moellava.0", sv, captions, "0", m / "stage0", freeze_vision=True)
+        s0 = stage("moellava.0b", s0, captions, "0", m / "stage0b", freeze_vision=True)
+        s0m = stage("moellava.0mix", s0, mix, "0", m / "stage0-mix", freeze_vision=True)
         finals["moellava"] = stage("moellava.moe", s0m, mix, "moe", m / "stage-moe")
     timings["train_total"] = round(time.time() - t0, 1)
 

@@ -39,13 +39,15 @@ class Record:
     image: Path
     task: str = ""
     lang: str = ""
+    scene: dict | None = None  # the shapes data set's annotation of the image (``--stage vision``)
 
 
 def read_records(path: str | Path) -> list[Record]:
     """A LLaVA-format JSON file (``moevl.train.data.load_records`` checks it) -> the records with an image."""
     from moevl.train.data import answer_text, load_records, question_text
 
-    out = [Record(question_text(r), answer_text(r), Path(r["image_path"]), r.get("task", ""), r.get("lang", ""))
+    out = [Record(question_text(r), answer_text(r), Path(r["image_path"]), r.get("task", ""), r.get("lang", ""),
+                  r.get("scene"))
            for r in load_records(path) if r.get("image_path")]
     if not out:
         raise ValueError(f"--data {path} has no record with an image: training needs image questions")

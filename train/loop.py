@@ -67,8 +67,11 @@ def save_state(path: Path, state: dict) -> None:
 
 def train(family: str, model, processor, records: list[Record], params: dict[str, torch.nn.Parameter],
           settings: TrainSettings, work: Path, resume: bool = False, device=None, desc: str = "train",
-          progress: bool = True) -> list[dict]:
+          progress: bool = True, step_loss=None) -> list[dict]:
     """Train ``params`` (name -> parameter; every other parameter is frozen) on ``records``.
+
+    ``step_loss``: records -> (loss, auxiliary loss) in place of the language-model loss on the answers (the vision
+    stage's probes).
 
     ``work``: the folder for the resumable state and the loss log. -> the loss log's rows.
     """
@@ -101,23 +104,25 @@ def train(family: str, model, processor, records: list[Record], params: dict[str
     with open(work / LOSS_LOG, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in log)  # a resumed run's rows up to its saved state
         for step in bar:
-            batch, labels = make_batch(family, processor,
-                                       [records[i] for i in batch_indices(len(records), settings.batch_size,
-                                                                          settings.seed, step)])
-            batch, labels = batch.to(dev), labels.to(dev)
+            chosen = [records[i] for i in batch_indices(len(records), settings.batch_size, settings.seed, step)]
             lr = lr_at(step, total, settings)
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.autocast(dev.type, dtype=settings.autocast, enabled=settings.autocast is not None):
-                lm, out = loss_of(family, model, batch, labels)
-                loss = lm + settings.aux_coef * out.aux_loss
+                if step_loss is not None:
+                    lm, aux = step_loss(chosen)
+                else:
+                    batch, labels = make_batch(family, processor, chosen)
+                    lm, out = loss_of(family, model, batch.to(dev), labels.to(dev))
+                    aux = out.aux_loss
+                loss = lm + settings.aux_coef * aux
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip)
             opt.step()
             row = {"step": step + 1, "loss": round(loss.item(), 6), "lm_loss": round(lm.item(), 6),
-                   "aux_loss": round(out.aux_loss.item(), 6), "lr": lr,
+                   "aux_loss": round(aux.item(), 6), "lr": lr,
                    "seconds": round(time.perf_counter() - t0, 2)}
             log.append(row)
             f.write(json.dumps(row) + "\n")

@@ -1,7 +1,12 @@
 """The training stages (``moevl train --stage ...``): what each stage starts from, which weights it trains, and what
 it writes.
 
+  vision  the vision tower (+ Awaker's merger / MoE-LLaVA's projector) pretrained on the shapes data set's scene
+       annotations by dense linear probes (``moevl.train.vision``): the stand-in for the pretrained ViT / CLIP the
+       originals start from; the language model is untouched;
   0    every weight trained (a base from scratch; the built-in defaults' first stage: no Qwen2-VL here);
+       ``StageOptions.freeze_vision``: the tower frozen (its merger / projector still trained), as LLaVA keeps a
+       pretrained tower;
   1    Awaker: ONE LoRA on the frozen base, made with peft (q/k/v/o/gate/up/down of the decoder); written merged in
        the kit's format, and as a standard peft adapter folder (``peft_adapter/``);
   2    Awaker: every task expert and the global expert initialised from the stage-1 LoRA (o/gate/up/down; q/k/v
@@ -29,7 +34,7 @@ from moevl.model.checkpoint import CHECKPOINT, check_output_folder
 from moevl.train.examples import has_moe_layers, read_records, routes_per_request
 from moevl.train.loop import LOSS_LOG, LOSS_PLOT, TrainSettings, train
 
-STAGES = ("0", "1", "2", "3", "moe")
+STAGES = ("vision", "0", "1", "2", "3", "moe")
 PEFT_FOLDER = "peft_adapter"
 TRAIN_INFO = "train.json"
 
@@ -41,6 +46,7 @@ class StageOptions:
     experts: int = 4               # Awaker task experts (the global expert comes on top); MoE-LLaVA experts
     moe_layers: tuple[int, ...] | None = None  # MoE-LLaVA: None = every other layer from 0 (the original's "sparse")
     router_init_std: float = 1.0   # router weights ~ N(0, std^2 / hidden): logits of order 1 on normalised inputs
+    freeze_vision: bool = False    # stage 0: keep a pretrained tower (stage vision) as it is
 
 
 def work_folder(out: Path) -> Path:
@@ -71,8 +77,20 @@ def run_stage(model: str | Path, data: str | Path, stage: str, out: str | Path, 
     m.set_kernels(training_kernels())
 
     peft_model = None
-    if stage == "0":
+    step_loss = None
+    if stage == "vision":
+        from moevl.train import vision
+
+        vision.check_records(records, data)
+        params = vision.vision_params(m)
+        heads = vision.probes(m.cfg.hidden_size).to(dev.torch_device)
+        params.update({f"probe.{n}": p for n, p in heads.named_parameters()})
+        step_loss = vision.make_step_loss(m, processor, heads, dev.torch_device)
+    elif stage == "0":
         params = dict(m.named_parameters())
+        if options.freeze_vision:
+            tower = ("visual.blocks.", "visual.patch_embed.") if hasattr(m, "visual") else ("vision_tower.",)
+            params = {n: p for n, p in params.items() if not n.startswith(tower)}
     elif stage == "1":
         _need(routes_per_request(m), f"--stage 1 is Awaker's recipe; {model} is a {family} model (use --stage moe)")
         _need(not m.has_adapters, f"{model} already has LoRA-MoE adapters: stage 1 starts from a base without them "
@@ -98,7 +116,13 @@ def run_stage(model: str | Path, data: str | Path, stage: str, out: str | Path, 
     work = work_folder(out)
     started = time.time()
     rows = train(family, m, processor, records, params, settings, work, resume=resume, device=dev,
-                 desc=f"stage {stage}", progress=progress)
+                 desc=f"stage {stage}", progress=progress, step_loss=step_loss)
+    if stage == "vision":
+        from moevl.train import vision
+
+        probe = vision.probe_accuracy(m, processor, heads, records[-min(len(records), 200):], dev.torch_device)
+        log(f"stage vision: probe accuracy per shape on the last {min(len(records), 200)} training records "
+            f"{json.dumps({k: round(v, 4) for k, v in probe.items()})}")
     extras = {LOSS_LOG: (work / LOSS_LOG).read_text()}
     if (work / LOSS_PLOT).is_file():
         extras[LOSS_PLOT] = (work / LOSS_PLOT).read_bytes()
@@ -112,6 +136,8 @@ def run_stage(model: str | Path, data: str | Path, stage: str, out: str | Path, 
                          for k, v in dataclasses.asdict(settings).items()},
             "options": dataclasses.asdict(options), "trained": sorted(params), "steps": len(rows),
             "final_loss": rows[-1]["loss"] if rows else None, "seconds": round(time.time() - started, 1)}
+    if stage == "vision":
+        info["probe_accuracy"] = probe
     extras[TRAIN_INFO] = json.dumps(info, indent=2)
     save_model(family, m, processor, out, force, extras)
     shutil.rmtree(work, ignore_errors=True)
