@@ -52,8 +52,8 @@ class BuildPlan:
     # the scene annotations first (stage vision), then the language model learns to describe what it sees on the
     # captions with that tower frozen (the later stages train LoRA adapters on the LLM only)
     steps: dict = dataclasses.field(default_factory=lambda: {
-        "awaker.v": 2000, "awaker.0": 5000, "awaker.0b": 1500, "awaker.1": 1800, "awaker.2": 600, "awaker.3": 600,
-        "moellava.v": 5000, "moellava.0": 7000, "moellava.0b": 2500, "moellava.0mix": 1200, "moellava.moe": 600})
+        "awaker.v": 1600, "awaker.0": 4500, "awaker.0b": 1200, "awaker.1": 1500, "awaker.2": 600, "awaker.3": 600,
+        "moellava.v": 4000, "moellava.0": 6000, "moellava.0b": 2000, "moellava.0mix": 1200, "moellava.moe": 600})
     lr: dict = dataclasses.field(default_factory=lambda: {
         "awaker.v": 2e-3, "awaker.0": 3e-3, "awaker.0b": 1.5e-3, "awaker.1": 3e-3, "awaker.2": 1.5e-3,
         "awaker.3": 1.5e-3, "moellava.v": 2e-3, "moellava.0": 3e-3, "moellava.0b": 1.5e-3, "moellava.0mix": 1e-3,

@@ -71,15 +71,16 @@ def dense_targets(scene: dict, pixels: np.ndarray, boxes: np.ndarray) -> torch.T
     px = pixels.astype(np.int16)
     colors, shapes = list(COLORS), list(SHAPES)
     best = np.zeros(t)
+    xa = np.clip(np.floor(boxes[:, 0]), 0, w).astype(int)
+    xb = np.clip(np.ceil(boxes[:, 2]), 0, w).astype(int)
+    ya = np.clip(np.floor(boxes[:, 1]), 0, h).astype(int)
+    yb = np.clip(np.ceil(boxes[:, 3]), 0, h).astype(int)
+    area = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-9)
     for s in scene["shapes"]:
         mask = (px == np.asarray(s["rgb"], dtype=np.int16)).all(-1)
-        cover = np.zeros(t)
-        for k, (x0, y0, x1, y1) in enumerate(boxes):
-            xa, xb = max(0, int(np.floor(x0))), min(w, int(np.ceil(x1)))
-            ya, yb = max(0, int(np.floor(y0))), min(h, int(np.ceil(y1)))
-            if xa < xb and ya < yb:
-                area = max((x1 - x0) * (y1 - y0), 1e-9)
-                cover[k] = mask[ya:yb, xa:xb].sum() / area
+        table = np.zeros((h + 1, w + 1))  # summed-area table: the shape's pixels in any box in four lookups
+        table[1:, 1:] = mask.cumsum(0).cumsum(1)
+        cover = (table[yb, xb] - table[ya, xb] - table[yb, xa] + table[ya, xa]) / area
         hit = np.flatnonzero((cover >= COVER) & (cover > best))
         if not hit.size:  # a shape smaller than a token: the token its centre lies in
             bx0, by0, bx1, by1 = s["box"]
@@ -122,11 +123,15 @@ def features_and_targets(model, processor, records, device) -> tuple[torch.Tenso
         from moevl.model.awaker.inputs import vision_inputs
 
         v = model.cfg.vision
-        for r in records:
-            out = processor.process_images([r.image])
-            grid = out["image_grid_thw"]
+        out = processor.process_images([r.image for r in records])
+        start = 0
+        for r, grid in zip(records, out["image_grid_thw"]):
+            grid = grid[None]
+            end = start + int(grid.prod())
             pos, keep = vision_inputs(grid, v.spatial_merge_size)
-            feats.append(model.encode_images(out["pixel_values"].to(device), pos.to(device), keep.to(device)))
+            feats.append(model.encode_images(out["pixel_values"][start:end].to(device), pos.to(device),
+                                             keep.to(device)))
+            start = end
             _, gh, gw = grid[0].tolist()
             pixels = np.asarray(Image.open(r.image).convert("RGB"))
             boxes = awaker_token_boxes(pixels.shape[1], pixels.shape[0], (gh, gw), v.patch_size,
