@@ -21,18 +21,22 @@ MARGIN = 0.03  # 3 of the 100 questions
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     plan = BuildPlan(captions=6, mix=10, validation=1, batch=2, steps={k: 1 for k in BuildPlan().steps},
-                     lora_rank=2, lora_alpha=4.0)
+                     batches={k: 2 for k in BuildPlan().batches}, lora_rank=2, lora_alpha=4.0)
     out = tmp_path_factory.mktemp("defaults")
     return out, build(out, seed=0, plan=plan, progress=False, log=lambda m: None)
 
 
 def test_smoke_build_writes_every_stage_and_evaluates(smoke):
     tmp_path, summary = smoke
-    for stage in ("awaker/stage0", "awaker/stage1", "awaker/stage2", "awaker/stage3", "moellava/stage0",
+    for stage in ("awaker/stage-vision", "moellava/stage-vision", "awaker/stage0", "awaker/stage1", "awaker/stage2", "awaker/stage3", "moellava/stage0",
                   "moellava/stage0-mix", "moellava/stage-moe"):
         assert (tmp_path / stage / "moevl_config.json").is_file(), stage
         assert (tmp_path / stage / "loss.jsonl").read_text().count("\n") == 1
     assert (tmp_path / "awaker/stage1/peft_adapter/adapter_model.safetensors").is_file()
+    for name in ("awaker", "moellava"):  # the tower pretrained by stage vision is what stage 0 keeps
+        assert json.loads((tmp_path / f"{name}/stage-vision/train.json").read_text())["probe_accuracy"]["shapes"] > 0
+        trained = json.loads((tmp_path / f"{name}/stage0/train.json").read_text())["trained"]
+        assert not any(k.startswith(("visual.blocks.", "vision_tower.")) for k in trained)
     for name in ("awaker", "moellava"):
         q = summary["quality"][name]
         assert q["n"] == 10 and set(q["accuracy"]) == {"count", "color", "shape", "position", "caption"}
