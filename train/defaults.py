@@ -52,10 +52,11 @@ class BuildPlan:
     # the scene annotations first (stage vision), then the language model learns to describe what it sees on the
     # captions with that tower frozen (the later stages train LoRA adapters on the LLM only)
     steps: dict = dataclasses.field(default_factory=lambda: {
-        "awaker.v": 1600, "awaker.0": 4500, "awaker.0b": 1200, "awaker.1": 1500, "awaker.2": 600, "awaker.3": 600,
-        "moellava.v": 4000, "moellava.0": 6000, "moellava.0b": 2000, "moellava.0mix": 1200, "moellava.moe": 600})
+        "awaker.v": 1600, "awaker.0": 4500, "awaker.0b": 1200, "awaker.0mix": 3000, "awaker.1": 600, "awaker.2": 400,
+        "awaker.3": 400, "moellava.v": 4000, "moellava.0": 6000, "moellava.0b": 2000, "moellava.0mix": 4000,
+        "moellava.moe": 600})
     lr: dict = dataclasses.field(default_factory=lambda: {
-        "awaker.v": 2e-3, "awaker.0": 3e-3, "awaker.0b": 1.5e-3, "awaker.1": 3e-3, "awaker.2": 1.5e-3,
+        "awaker.v": 2e-3, "awaker.0": 3e-3, "awaker.0b": 1.5e-3, "awaker.0mix": 1e-3, "awaker.1": 3e-3, "awaker.2": 1.5e-3,
         "awaker.3": 1.5e-3, "moellava.v": 2e-3, "moellava.0": 3e-3, "moellava.0b": 1.5e-3, "moellava.0mix": 1e-3,
         "moellava.moe": 1e-3})
     batches: dict = dataclasses.field(default_factory=lambda: {"awaker.v": 32, "moellava.v": 32})  # else ``batch``
@@ -217,6 +218,9 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         sv = stage("awaker.v", init, captions, "vision", a / "stage-vision")
         s0 = stage("awaker.0", sv, captions, "0", a / "stage0", freeze_vision=True)
         s0 = stage("awaker.0b", s0, captions, "0", a / "stage0b", freeze_vision=True)  # a lower peak rate
+        # the base also learns to answer the mix's questions (full weights, tower frozen): the stand-in for Qwen2-VL-
+        # Instruct, which Awaker's LoRA stages start from
+        s0 = stage("awaker.0mix", s0, mix, "0", a / "stage0-mix", freeze_vision=True)
         s1 = stage("awaker.1", s0, mix, "1", a / "stage1")
         s2 = stage("awaker.2", s1, mix, "2", a / "stage2")
         finals["awaker"] = stage("awaker.3", s2, mix, "3", a / "stage3")
