@@ -57,8 +57,8 @@ class BuildPlan:
         "moellava.moe": 600})
     lr: dict = dataclasses.field(default_factory=lambda: {
         "awaker.v": 2e-3, "awaker.0": 3e-3, "awaker.0b": 1.5e-3, "awaker.0mix": 1e-3, "awaker.1": 3e-3,
-        "awaker.2": 1.5e-3, "awaker.3": 1.5e-3, "moellava.v": 2e-3, "moellava.0": 3e-3, "moellava.0b": 1.5e-3, "moellava.0mix": 1e-3,
-        "moellava.moe": 1e-3})
+        "awaker.2": 1.5e-3, "awaker.3": 1.5e-3, "moellava.v": 2e-3, "moellava.0": 3e-3, "moellava.0b": 1.5e-3,
+        "moellava.0mix": 1e-3, "moellava.moe": 1e-3})
     batches: dict = dataclasses.field(default_factory=lambda: {"awaker.v": 32, "moellava.v": 32})  # else ``batch``
     lora_rank: int = 32
     lora_alpha: float = 64.0
