@@ -14,7 +14,10 @@ from moevl.ascend.npu_emulation import NpuRuleError
 from moevl import load
 from moevl.model.tiny import DEMO_IMAGE
 
-FP32_TOL, FP16_TOL = 2e-4, 0.1
+FP32_TOL = 2e-4
+# fp16 keeps 11 significant bits: half an ulp is 2.4e-4 of a value, and the error of 4 layers of fp16 arithmetic
+# grows with the logits' size, so the bound is relative to the largest logit (37 for the trained awaker-tiny)
+FP16_REL = 5e-3
 QUESTIONS = ["What is in the picture?", "Describe a cat sitting on a mat near the window."]
 IMAGES = [[DEMO_IMAGE], []]  # one image request and one text-only: left padding in the batch
 
@@ -50,7 +53,7 @@ def test_awaker_fp16_on_npu_emulated_matches_cpu_within_tolerance(cpu_fp32, devi
     s = load("awaker-tiny", device=device, dtype="fp16", strict_npu=True)
     logits, mask, tokens = logits_and_tokens(s)
     ref_logits, _, ref_tokens = cpu_fp32
-    assert (logits[mask] - ref_logits[mask]).abs().max().item() < FP16_TOL
+    assert (logits[mask] - ref_logits[mask]).abs().max().item() < FP16_REL * ref_logits[mask].abs().max().item()
     assert tokens == ref_tokens
     calls = npu_calls(s)
     assert {"npu_prompt_flash_attention", "npu_incre_flash_attention", "npu_rms_norm"} <= set(calls)

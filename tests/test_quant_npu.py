@@ -84,8 +84,11 @@ def test_npu_quantised_linear_matches_dequantise_then_matmul(chip, dtype, mode):
 
 
 def test_a_quantised_model_on_the_emulated_npu_runs_the_npu_op():
+    from moevl.model.tiny import DEMO_IMAGE
+
     vl = moevl.load("awaker-tiny", device="npu-emulated", quantize="int8")
-    res = vl.ask("What is in the picture?", max_new_tokens=3)
+    # a caption is longer than 3 tokens, so 3 decode steps run (a short answer would end at its first token)
+    res = vl.ask("Describe the image.", images=[DEMO_IMAGE], max_new_tokens=3)
     assert len(res.token_ids[0]) == 3
     kernels = {m.kernel_name for _, m in quant.quantized_weights(vl.model)}
     assert kernels == {"torch_npu.npu_weight_quant_batchmatmul (W8A16)"}
