@@ -113,9 +113,9 @@ def vision_params(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if n.startswith(prefixes)}
 
 
-def features_and_targets(model, processor, records, device) -> tuple[torch.Tensor, torch.Tensor]:
+def features_and_targets(model, processor, records, device, with_counts: bool = False):
     """The image tokens the language model would receive for each record's image [N, hidden], and their targets
-    [N, 4]."""
+    [N, 4] (and, ``with_counts``, each image's token count)."""
     from PIL import Image
 
     feats, targets = [], []
@@ -137,7 +137,8 @@ def features_and_targets(model, processor, records, device) -> tuple[torch.Tenso
             boxes = awaker_token_boxes(pixels.shape[1], pixels.shape[0], (gh, gw), v.patch_size,
                                        v.spatial_merge_size)
             targets.append(dense_targets(r.scene, pixels, boxes))
-        return torch.cat(feats), torch.cat(targets).to(device)
+        out = torch.cat(feats), torch.cat(targets).to(device)
+        return (*out, [len(t) for t in targets]) if with_counts else out
     v = model.cfg.vision
     if model.cfg.image_aspect_ratio != "pad" or v.select_feature != "patch":
         raise ValueError("--stage vision supports MoE-LLaVA towers fed a padded square (image_aspect_ratio 'pad') "
@@ -148,7 +149,8 @@ def features_and_targets(model, processor, records, device) -> tuple[torch.Tenso
         pixels = np.asarray(Image.open(r.image).convert("RGB"))
         boxes = square_token_boxes(pixels.shape[1], pixels.shape[0], v.image_size, v.patch_size)
         targets.append(dense_targets(r.scene, pixels, boxes))
-    return f.flatten(0, 1), torch.cat(targets).to(device)
+    out = f.flatten(0, 1), torch.cat(targets).to(device)
+    return (*out, [len(t) for t in targets]) if with_counts else out
 
 
 def make_step_loss(model, processor, heads: torch.nn.ModuleDict, device):
@@ -173,10 +175,10 @@ def probe_accuracy(model, processor, heads, records, device, batch: int = 16) ->
     n = 0
     for i in range(0, len(records), batch):
         part = records[i:i + batch]
-        f, tg = features_and_targets(model, processor, part, device)
+        f, tg, counts = features_and_targets(model, processor, part, device, with_counts=True)
+        starts = np.cumsum([0] + counts)
         logp = {name: heads[name](f).float().log_softmax(-1) for name, _ in PROBES}
         key = tg[:, 0] * 10_000 + tg[:, 1] * 100 + tg[:, 2] * 10 + tg[:, 3]  # a shape's tokens share one label
-        starts = np.cumsum([0] + [len(t) for t in _split_lengths(model, processor, part)])
         for a, b in zip(starts[:-1], starts[1:]):
             for lab in key[a:b][tg[a:b, 0] > 0].unique():
                 sel = torch.arange(a, b, device=key.device)[key[a:b] == lab]
@@ -184,18 +186,6 @@ def probe_accuracy(model, processor, heads, records, device, batch: int = 16) ->
                 for k, (name, _) in enumerate(PROBES):
                     right[name] += int(logp[name][sel].sum(0).argmax().item() == tg[sel[0], k].item())
     return {name: right[name] / max(n, 1) for name in right} | {"shapes": n}
-
-
-def _split_lengths(model, processor, records):
-    if hasattr(model, "visual"):
-        m = model.cfg.vision.spatial_merge_size
-        out = []
-        for r in records:
-            _, gh, gw = processor.process_images([r.image])["image_grid_thw"][0].tolist()
-            out.append(range(gh * gw // (m * m)))
-        return out
-    g = model.cfg.vision.image_size // model.cfg.vision.patch_size
-    return [range(g * g)] * len(records)
 
 
 def check_records(records, data: str | Path) -> None:
