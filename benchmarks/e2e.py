@@ -141,6 +141,9 @@ def main(argv=None) -> int:
     print(f"building 7B-width model ({args.layers} layers, r={args.rank}) ...", flush=True)
     ours = build_ours(cfg, device, place=False)
     hf = build_baseline(ours)  # shares our plain base tensors
+    # counted on the plain weights: after placing, a oneDNN-packed weight is opaque (the same bytes)
+    bytes_ours = weight_bytes(ours, True, args.rank)
+    bytes_base = weight_bytes(ours, False, args.rank)
     moevl.place(ours, device)  # then ours takes the CPU's layouts (oneDNN-packed copies where they measured faster)
     from moevl.kernels import quant
 
@@ -161,8 +164,6 @@ def main(argv=None) -> int:
     bar.close()
     med = {k: {"ttft_ms": median([x[0] for x in v]), "decode_ms_per_token": median([x[1] for x in v])}
            for k, v in rows.items()}
-    bytes_ours = weight_bytes(ours, True, args.rank)
-    bytes_base = weight_bytes(ours, False, args.rank)
     for k, nbytes in (("ours", bytes_ours), ("baseline", bytes_base)):
         med[k]["weight_bytes_per_step"] = nbytes
         med[k]["decode_bandwidth_gbs"] = nbytes / (med[k]["decode_ms_per_token"] / 1000) / 1e9
