@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     # counted on the plain weights: after placing, a oneDNN-packed weight is opaque (the same bytes)
     bytes_ours = weight_bytes(ours, True, args.rank)
     bytes_base = weight_bytes(ours, False, args.rank)
-    moevl.place(ours, device)  # then ours takes the CPU's layouts (oneDNN-packed copies where they measured faster)
+    moevl.place(ours, device)  # then ours takes the CPU's layouts (the fastest measured per shape)
     from moevl.kernels import quant
 
     layouts = dict(getattr(ours, "dense_layouts", {}))
@@ -154,8 +154,10 @@ def main(argv=None) -> int:
     run_ours(session, batch, 3)  # warm-up both
     run_baseline(hf, batch, 3)
     rows = {"ours": [], "baseline": []}
+    round_bw = []  # the read bandwidth again before each round: the machine's bandwidth drifts with its neighbours
     bar = progress(args.rounds, "e2e rounds")
     for r in range(args.rounds):
+        round_bw.append(read_bandwidth_gbs(repeats=3)["sum"])
         rows["ours"].append(run_ours(session, batch, args.new_tokens))
         rows["baseline"].append(run_baseline(hf, batch, args.new_tokens))
         bar.update()
@@ -169,6 +171,10 @@ def main(argv=None) -> int:
         med[k]["decode_bandwidth_gbs"] = nbytes / (med[k]["decode_ms_per_token"] / 1000) / 1e9
         med[k]["fraction_of_read_bandwidth"] = med[k]["decode_bandwidth_gbs"] / bw["sum"]
         med[k]["fraction_of_gemv_bandwidth"] = med[k]["decode_bandwidth_gbs"] / bw["gemv"]
+    for k, nbytes in (("ours", bytes_ours), ("baseline", bytes_base)):  # per round, against that round's bandwidth
+        per_round = [nbytes / (x[1] / 1000) / 1e9 / bw_r for x, bw_r in zip(rows[k], round_bw)]
+        med[k]["fraction_of_round_read_bandwidth"] = median(per_round)
+        med[k]["fraction_of_round_read_bandwidth_per_round"] = per_round
     paired_ttft = [o[0] / b[0] for o, b in zip(rows["ours"], rows["baseline"])]
     paired_decode = [o[1] / b[1] for o, b in zip(rows["ours"], rows["baseline"])]
     # the headline ratio is the median of the per-round (paired) ratios: under drifting load on a shared
@@ -184,8 +190,10 @@ def main(argv=None) -> int:
     payload = {"benchmark": "e2e-awaker", "config": {"layers": args.layers, "rank": args.rank,
                "new_tokens": args.new_tokens, "prompt_tokens": int(batch.input_ids.shape[1]), "image_tokens": 64,
                "rounds": args.rounds, "dtype": "fp32"},
-               "environment": environment(device), "read_bandwidth_gbs": bw, "median": med, "ratios": ratios,
-               "targets": {"ttft": 1.15, "decode": 1.10, "fraction_of_read_bandwidth": 0.95},
+               "environment": environment(device), "read_bandwidth_gbs": bw, "read_bandwidth_per_round_gbs": round_bw,
+               "median": med, "ratios": ratios,
+               "targets": {"ttft": 1.15, "decode": 1.10, "fraction_of_read_bandwidth": 0.95,
+                           "issue_13": {"decode": 0.65, "fraction_of_read_bandwidth": 0.85}},
                "original_awaker_reference": {"ttft": 2.16, "decode": 1.17,
                                              "note": "measured by the issue's author on this kind of machine"},
                "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -199,28 +207,35 @@ def main(argv=None) -> int:
           f"(64 image), {args.new_tokens} greedy tokens, medians of {args.rounds} alternating rounds, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads. No NPU figures: nothing ran on an NPU.", "",
           "Ratio = median over rounds of ours/baseline measured in the same round.", "",
-          "| | ours | baseline | ratio | target | original Awaker |", "|---|---|---|---|---|---|",
+          "| | ours | baseline | ratio | target (issue 5) | target (issue 13, fp32) | original Awaker |",
+          "|---|---|---|---|---|---|---|",
           f"| time to first token (ms) | {med['ours']['ttft_ms']:.0f} | {med['baseline']['ttft_ms']:.0f} | "
-          f"{ratios['ttft']:.3f} | <= 1.15 | 2.16 |",
+          f"{ratios['ttft']:.3f} | <= 1.15 | | 2.16 |",
           f"| decode (ms/token) | {med['ours']['decode_ms_per_token']:.1f} | "
           f"{med['baseline']['decode_ms_per_token']:.1f} | {ratios['decode']:.3f} (bytes-ideal "
-          f"{ratios['decode_bytes_ideal']:.3f}) | <= 1.10 | 1.17 |",
+          f"{ratios['decode_bytes_ideal']:.3f}) | <= 1.10 | <= 0.65 | 1.17 |",
           f"| decode bandwidth (GB/s) | {med['ours']['decode_bandwidth_gbs']:.1f} "
           f"({100 * med['ours']['fraction_of_read_bandwidth']:.0f}% of read, "
           f"{100 * med['ours']['fraction_of_gemv_bandwidth']:.0f}% of GEMV bw) | "
           f"{med['baseline']['decode_bandwidth_gbs']:.1f} ({100 * med['baseline']['fraction_of_read_bandwidth']:.0f}%, "
           f"{100 * med['baseline']['fraction_of_gemv_bandwidth']:.0f}%)"
-          f" | | >= 95% | |", "",
+          f" | | >= 95% | >= 85% | |",
+          f"| decode bandwidth / read bandwidth of the same round | "
+          f"{100 * med['ours']['fraction_of_round_read_bandwidth']:.0f}% | "
+          f"{100 * med['baseline']['fraction_of_round_read_bandwidth']:.0f}% | | | >= 85% | |", "",
           f"Per-round ratios (ours/baseline, same round): TTFT "
           f"{', '.join(f'{r:.2f}' for r in ratios['ttft_per_round'])}; decode "
           f"{', '.join(f'{r:.2f}' for r in ratios['decode_per_round'])}. "
           f"Measured in the same run on a 1 GiB fp32 tensor: read bandwidth (sum) {bw['sum']:.1f} GB/s, fp32 GEMV "
-          f"{bw['gemv']:.1f} GB/s. Process peak RSS "
+          f"{bw['gemv']:.1f} GB/s; again before each round (sum): "
+          f"{', '.join(f'{x:.1f}' for x in round_bw)} GB/s. Process peak RSS "
           f"{payload['process_peak_rss_bytes'] / 2**30:.1f} GiB (both models share the plain base tensors; "
-          f"oneDNN-packed copies are extra).",
+          f"oneDNN-packed copies, where chosen, are extra).",
           f"CPU weight layouts chosen at load (measured per shape): "
           f"{', '.join(sorted(set(layouts.values()))) or 'none'} "
-          f"({sum(v == 'onednn' for v in layouts.values())} of {len(layouts)} base linears oneDNN-packed).", ""]
+          f"({', '.join(f'{sum(v == k for v in layouts.values())} {k}' for k in sorted(set(layouts.values())))} "
+          f"of {len(layouts)} base linears; openblas = the plain weight, one-row products through numpy's OpenBLAS "
+          f"sgemv, several rows through oneDNN).", ""]
     j, m = write_results("e2e", device, payload, "\n".join(md), out=Path(args.out) if args.out else RESULTS)
     print("\n".join(md))
     print(f"wrote {j} and {m}")

@@ -65,27 +65,36 @@ def weight_bytes(model, adapters: bool = True) -> int:
 
 
 class LayoutSwitch:
-    """The fp32 model's base linears in both layouts at once (the plain weights are shared with the transformers
-    baseline; the oneDNN copies are extra memory), swapped in and out between runs."""
+    """The fp32 model's base linears in several layouts at once, swapped in and out between runs: "plain" (the
+    Parameters, shared with the transformers baseline), "onednn" (packed copies: extra memory, built on first use)
+    and "openblas" (the same plain storage, one-row products through numpy's sgemv; the batch-1 LoRA GEMVs follow)."""
 
     def __init__(self, model):
         self.model = model
         self.plain = {name: mod for name, mod in quant.base_linears(model)}
         self.weights = {name: mod.weight for name, mod in self.plain.items()}
-        self.packed = {name: quant.OnednnWeight(w) for name, w in self.weights.items()}
+        self.forms = {"plain": self.weights}
+
+    def _form(self, layout: str) -> dict:
+        if layout not in self.forms:
+            cls = {"onednn": quant.OnednnWeight, "openblas": quant.OpenblasWeight}[layout]
+            self.forms[layout] = {name: cls(w) for name, w in self.weights.items()}
+        return self.forms[layout]
 
     def use(self, layout: str):
+        form = self._form(layout)
+        quant.ROWVEC_BLAS["lora"] = layout == "openblas"
         for name, mod in self.plain.items():
             if isinstance(mod, torch.nn.Linear):
                 parent, _, child = name.rpartition(".")
-                target = mod if layout == "plain" else quant.WeightLinear(self.packed[name], mod.bias)
+                target = mod if layout == "plain" else quant.WeightLinear(form[name], mod.bias)
                 setattr(self.model.get_submodule(parent) if parent else self.model, child, target)
             else:
                 if "weight" in mod._parameters:
                     del mod._parameters["weight"]
                 if "weight" in mod._modules:
                     del mod._modules["weight"]
-                mod.weight = self.weights[name] if layout == "plain" else self.packed[name]
+                mod.weight = form[name]
 
 
 class SwitchedSession:

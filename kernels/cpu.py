@@ -128,10 +128,20 @@ def _apply_stacked(x, weight, bias, plan: StackedLoraPlan):
         # Batch 1: plain 2-D GEMMs on views (fewer dispatch layers than bmm, same math).
         x2 = x[0]
         y = linear(x2, weight, bias)
+        if _rowvec_blas(x2, A, Bt):  # one fp32 row (decode): numpy's sgemv streams A and B^T (quant.OpenblasWeight)
+            return y.add_(quant.rowvec_matmul(quant.rowvec_linear(x2, A[0].detach().numpy()), Bt[0])).unsqueeze(0)
         return torch.addmm(y, F.linear(x2, A[0]), Bt[0]).unsqueeze(0)
     y = linear(x, weight, bias)
     h = torch.bmm(x, A.transpose(1, 2))  # [B, T, R]
     return torch.baddbmm(y, h, Bt)
+
+
+def _rowvec_blas(x2, A, Bt) -> bool:
+    """The LoRA GEMVs of one fp32 row go through numpy's BLAS: enabled at load when the base linears measured the
+    OpenBLAS layout fastest (quant.choose_dense_layouts), never under autograd, CPU only."""
+    return (quant.ROWVEC_BLAS["lora"] and x2.shape[0] == 1 and x2.dtype == A.dtype == Bt.dtype == torch.float32
+            and x2.device.type == "cpu" and A.device.type == "cpu" and A[0].is_contiguous()
+            and not (torch.is_grad_enabled() and (x2.requires_grad or A.requires_grad or Bt.requires_grad)))
 
 
 def merge_lora_plan(weight, plan: StackedLoraPlan) -> torch.Tensor:
@@ -246,8 +256,8 @@ def patch_embed(patches, weight):
 
 def prepare_weights_cpu(model) -> None:
     """Quantised weights run the ATen CPU kernels (bf16 activations); large dense base weights take the layout
-    measured fastest for their shape on this CPU (MKL plain or oneDNN packed; ``MOEVL_CPU_LAYOUT`` = auto | plain
-    | onednn overrides)."""
+    measured fastest for their shape on this CPU (MKL plain, oneDNN packed or OpenBLAS one-row products;
+    ``MOEVL_CPU_LAYOUT`` = auto | plain | onednn | openblas overrides)."""
     import os
 
     quant.bind_all(model, quant.bind_cpu)

@@ -452,10 +452,89 @@ class OnednnWeight(QuantizedWeight):
         return OnednnWeight(self.dequantize(self.compute_dtype))
 
 
-# (out, in, dtype, threads) -> "onednn" | "plain": measured once per process (the timings in LAYOUT_TIMES)
+class OpenblasWeight(QuantizedWeight):
+    """A dense fp32 weight kept as it is (no copy: it shares the Parameter's storage) whose one-row product (batch-1
+    decode) runs through numpy's BLAS (OpenBLAS in numpy's PyPI wheels): ``numpy.matmul(W, x)`` is an sgemv that
+    streams W. On the AMD EPYC it reached 30.8 GB/s for 152064 x 3584 (the whole read bandwidth, 30.2 GB/s in the
+    same run) where MKL F.linear reached 18.1 and the oneDNN-packed weight 28.4. Several rows (prefill, batched
+    decode) go to oneDNN on the same plain weight (``mkldnn._linear_pointwise`` takes it without a reorder per call:
+    as fast as the packed copy there, 1.6-2.7x MKL's F.linear at 2-119 rows; OpenBLAS's sgemm with 2-16 rows was
+    2-4x slower than oneDNN). Float32 only (numpy has no bfloat16). Its state dict is the plain weight."""
+
+    mode = "openblas"
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight.shape[0], weight.shape[1], weight.dtype)
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            raise ValueError(f"the OpenBLAS layout takes a CPU float32 weight, not {weight.dtype} on {weight.device}")
+        self.plain = weight.detach().contiguous()  # not a buffer: the state dict holds it as "<linear>.weight"
+        self._np = self.plain.numpy()
+        self.kernel_name = "OpenBLAS sgemv (numpy.matmul) for one row, else F.linear"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def nbytes(self) -> int:
+        return self.plain.numel() * self.plain.element_size()
+
+    def run(self, x2, bias):
+        if x2.dtype != torch.float32:
+            return F.linear(x2, self.plain.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
+        if x2.shape[0] == 1:
+            return rowvec_linear(x2, self._np, bias)
+        if torch.backends.mkldnn.is_available():  # oneDNN takes the plain weight as it is (no reorder per call)
+            return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.plain, bias, "none", [], "")
+        return F.linear(x2, self.plain, bias)
+
+    def dequantize(self, dtype=torch.float32):
+        return self.plain.to(dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix[:-1]] = self.plain  # the plain "<linear>.weight"
+
+    def __deepcopy__(self, memo):
+        return OpenblasWeight(self.plain.clone())
+
+
+def rowvec_linear(x2: torch.Tensor, w_np, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 [1, in] float32 CPU, w_np a C-contiguous float32 numpy [out, in] -> [1, out] = x2 W^T (+ bias) through
+    numpy's sgemv (the GIL is released while it runs)."""
+    import numpy as np
+
+    out = torch.empty(1, w_np.shape[0], dtype=torch.float32)
+    np.matmul(w_np, x2.detach()[0].contiguous().numpy(), out=out.numpy()[0])
+    return out.add_(bias) if bias is not None else out
+
+
+def rowvec_matmul(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """h [1, k] @ m [k, n] (float32, CPU, m C-contiguous) through numpy's sgemv -> [1, n]."""
+    import numpy as np
+
+    out = torch.empty(1, m.shape[1], dtype=torch.float32)
+    np.matmul(h.detach()[0].contiguous().numpy(), m.detach().numpy(), out=out.numpy()[0])
+    return out
+
+
+def blas_rowvec_usable() -> bool:
+    """numpy is importable and its matmul fills an ``out`` view of a torch tensor (always so with numpy's wheels)."""
+    try:
+        import numpy as np  # noqa: F401
+
+        w = torch.arange(6, dtype=torch.float32).view(2, 3)
+        y = rowvec_linear(torch.ones(1, 3), w.numpy())
+        return bool(torch.equal(y, torch.tensor([[3.0, 12.0]])))
+    except Exception:  # numpy missing or built without a working BLAS: the layout is simply not offered
+        return False
+
+
+# Awaker's batch-1 LoRA decode (kernels/cpu.py) takes numpy's sgemv too once a base linear chose "openblas" here
+ROWVEC_BLAS = {"lora": False}
+
+# (out, in, dtype, threads) -> "onednn" | "openblas" | "plain": measured once per process (timings in LAYOUT_TIMES)
 _LAYOUT_CHOICE: dict[tuple, str] = {}
 LAYOUT_TIMES: dict[tuple, dict] = {}
-LAYOUT_POLICIES = ("auto", "plain", "onednn")
+LAYOUT_POLICIES = ("auto", "plain", "onednn", "openblas")
 # Smaller weights stay plain: their product is not bandwidth-bound and timing them would make small (test) models'
 # layouts depend on the machine's noise.
 MIN_PACKED = 1 << 20
@@ -475,30 +554,39 @@ def time_gemv(fn, x, repeats: int) -> float:
 
 
 def measure_layout(w: torch.Tensor, repeats: int = 5, margin: float = 0.05) -> str:
-    """"onednn" when the oneDNN-packed one-row product of ``w`` beats F.linear (MKL) by more than ``margin`` here,
-    else "plain". Interleaved, best of ``repeats`` each (the machine is shared: the minimum is the steady figure)."""
+    """The fastest one-row product of ``w`` here: "onednn" (oneDNN-packed) or "openblas" (numpy's sgemv, fp32 only)
+    when it beats F.linear (MKL, "plain") by more than ``margin``, else "plain". Interleaved, best of ``repeats``
+    each (the machine is shared: the minimum is the steady figure)."""
     key = (*w.shape, w.dtype, torch.get_num_threads())
     if key not in _LAYOUT_CHOICE:
         x = torch.randn(1, w.shape[1], dtype=w.dtype)
-        packed = OnednnWeight(w)
-        plain, onednn = float("inf"), float("inf")
+        candidates = {"onednn": OnednnWeight(w)} if torch.backends.mkldnn.is_available() else {}
+        if w.dtype == torch.float32 and blas_rowvec_usable():
+            candidates["openblas"] = OpenblasWeight(w)
+        best = {"plain": float("inf"), **{k: float("inf") for k in candidates}}
         for _ in range(2):
-            plain = min(plain, time_gemv(lambda v: F.linear(v, w), x, repeats))
-            onednn = min(onednn, time_gemv(lambda v: packed.run(v, None), x, repeats))
-        _LAYOUT_CHOICE[key] = "onednn" if onednn < (1 - margin) * plain else "plain"
-        LAYOUT_TIMES[key] = {"plain_s": plain, "onednn_s": onednn, "bytes": w.numel() * w.element_size()}
+            best["plain"] = min(best["plain"], time_gemv(lambda v: F.linear(v, w), x, repeats))
+            for k, m in candidates.items():
+                best[k] = min(best[k], time_gemv(lambda v, m=m: m.run(v, None), x, repeats))
+        del candidates
+        fastest = min(best, key=lambda k: (k == "plain", best[k]))  # the fastest non-plain (plain when alone)
+        _LAYOUT_CHOICE[key] = fastest if best[fastest] < (1 - margin) * best["plain"] else "plain"
+        LAYOUT_TIMES[key] = {f"{k}_s": v for k, v in best.items()} | {"bytes": w.numel() * w.element_size()}
     return _LAYOUT_CHOICE[key]
 
 
 @torch.no_grad()
 def choose_dense_layouts(model: nn.Module, policy: str = "auto") -> dict[str, str]:
-    """CPU, once at load: each plain fp32/bf16 base linear (and lm_head) keeps its weight ("plain", MKL F.linear)
-    or is reordered for oneDNN ("onednn"), by ``policy``: "auto" = what :func:`measure_layout` measured faster
-    for that shape here. -> {linear name: layout}."""
+    """CPU, once at load: each plain fp32/bf16 base linear (and lm_head) keeps its weight ("plain", MKL F.linear),
+    is reordered for oneDNN ("onednn") or keeps its weight with one-row products through numpy's OpenBLAS
+    ("openblas", fp32 only), by ``policy``: "auto" = what :func:`measure_layout` measured fastest for that shape
+    here. -> {linear name: layout}. Once any linear takes "openblas", Awaker's batch-1 LoRA decode GEMVs do too."""
     if policy not in LAYOUT_POLICIES:
         raise ValueError(f"unknown CPU weight layout policy {policy!r}; use one of {', '.join(LAYOUT_POLICIES)}")
     chosen = {}
-    if policy == "plain" or not torch.backends.mkldnn.is_available():
+    if policy == "plain":
+        return chosen
+    if policy == "onednn" and not torch.backends.mkldnn.is_available():
         return chosen
     for name, mod in base_linears(model, include_lm_head=True):
         w = mod.weight
@@ -506,10 +594,15 @@ def choose_dense_layouts(model: nn.Module, policy: str = "auto") -> dict[str, st
             continue
         if policy == "auto" and w.numel() < MIN_PACKED:
             continue
-        layout = "onednn" if policy == "onednn" else measure_layout(w)
+        if policy == "openblas" and (w.dtype != torch.float32 or not blas_rowvec_usable()):
+            continue
+        layout = policy if policy != "auto" else measure_layout(w)
         chosen[name] = layout
         if layout == "onednn":
             _set_weight(model, name, mod, OnednnWeight(w))
+        elif layout == "openblas":
+            _set_weight(model, name, mod, OpenblasWeight(w))
+            ROWVEC_BLAS["lora"] = True
     model.dense_layouts = chosen
     return chosen
 
@@ -520,7 +613,7 @@ def restore_dense(model: nn.Module) -> int:
     count = 0
     for name, mod in list(model.named_modules()):
         w = getattr(mod, "weight", None)
-        if not isinstance(w, OnednnWeight):
+        if not isinstance(w, (OnednnWeight, OpenblasWeight)):
             continue
         dense = nn.Parameter(w.dequantize(w.compute_dtype), requires_grad=False)
         if isinstance(mod, WeightLinear):

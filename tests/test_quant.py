@@ -283,18 +283,82 @@ def test_onednn_packed_weight_matches_f_linear(shape, dtype, tol):
     assert torch.equal(m.dequantize(dtype), w)
 
 
-def test_the_packed_layout_is_a_plain_weight_to_the_outside(fp32_session):
+@pytest.mark.parametrize("shape", SHAPES + [(3000, 700)])
+def test_openblas_weight_matches_f_linear_for_one_row_and_many(shape):
+    torch.manual_seed(0)
+    w, bias = torch.randn(shape), torch.randn(shape[0])
+    m = quant.OpenblasWeight(w)
+    assert m.plain.data_ptr() == w.data_ptr()  # the same storage: no copy of the weight
+    for lead in ((1, 1), (1, 7), (3, 1)):  # one row goes through numpy's sgemv, several through oneDNN / F.linear
+        x = torch.randn(*lead, shape[1])
+        ref = (x.double() @ w.double().t() + bias.double()).float()
+        assert rel_err(m(x, bias), ref) < 1e-5 and rel_err(m(x), ref - bias) < 1e-5
+    xb = torch.randn(1, shape[1], dtype=torch.bfloat16)  # another activation dtype: computed in that dtype
+    assert m(xb).dtype == torch.bfloat16
+    x = torch.randn(1, shape[1], requires_grad=True)  # frozen weight: the gradient reaches the input
+    m(x).sum().backward()
+    assert rel_err(x.grad[0], w.double().sum(0).float()) < 1e-5
+    with pytest.raises(ValueError, match="float32"):
+        quant.OpenblasWeight(w.to(torch.bfloat16))
+
+
+def test_the_one_row_lora_gemvs_through_blas_match_the_reference():
+    from moevl.kernels import cpu, reference
+
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 1, 96), torch.randn(80, 96)
+    lora_A, lora_B = torch.randn(3, 8, 96), torch.randn(3, 80, 8)
+    expert, scales = torch.tensor([1]), torch.tensor([[0.7, 0.3]])
+    want = reference.lora_moe_linear(x, w, None, reference.lora_moe_prepare(lora_A, lora_B, expert, scales))
+    saved = quant.ROWVEC_BLAS["lora"]
+    try:
+        for on in (False, True):
+            quant.ROWVEC_BLAS["lora"] = on
+            got = cpu.lora_moe_linear(x, quant.OpenblasWeight(w), None, cpu.lora_moe_prepare(lora_A, lora_B, expert,
+                                                                                             scales))
+            assert rel_err(got, want) < 1e-5, on
+    finally:
+        quant.ROWVEC_BLAS["lora"] = saved
+
+
+def _all_logits(session, prompt, tokens=4):
+    """The logits of the prompt and of each greedy decode step ([steps, vocab], fp32)."""
+    captured = []
+    model = session.model
+    original = model.logits
+
+    def spy(*a, **k):
+        out = original(*a, **k)
+        captured.append(out.detach().float().clone())
+        return out
+    model.logits = spy
+    try:
+        session.ask(prompt, max_new_tokens=tokens)
+    finally:
+        del model.logits
+    return torch.cat(captured)
+
+
+@pytest.mark.parametrize("layout,kind", [("onednn", quant.OnednnWeight), ("openblas", quant.OpenblasWeight)])
+def test_the_cpu_layouts_are_a_plain_weight_to_the_outside(fp32_session, layout, kind):
     q = moevl.load("awaker-tiny-random", device="cpu", dtype="fp32")
     assert quant.choose_dense_layouts(q.model) == {}  # "auto": small weights are never timed nor packed
     before = {k: v.clone() for k, v in q.model.state_dict().items()}
-    chosen = quant.choose_dense_layouts(q.model, "onednn")
-    assert set(chosen.values()) == {"onednn"} and len(chosen) == 15
-    assert isinstance(q.model.model.layers[0].mlp.up_proj.weight, quant.OnednnWeight)
-    assert isinstance(q.model.lm_head.weight, quant.OnednnWeight)
-    after = q.model.state_dict()
-    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
-    prompt = "What is in the picture?"
-    assert rel_err(_next_token_logits(q, prompt), _next_token_logits(fp32_session, prompt)) < 1e-4
+    saved = quant.ROWVEC_BLAS["lora"]
+    try:
+        chosen = quant.choose_dense_layouts(q.model, layout)
+        assert set(chosen.values()) == {layout} and len(chosen) == 15
+        assert isinstance(q.model.model.layers[0].mlp.up_proj.weight, kind)
+        assert isinstance(q.model.lm_head.weight, kind)
+        assert quant.ROWVEC_BLAS["lora"] == (layout == "openblas")
+        after = q.model.state_dict()
+        assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+        prompt = "What is in the picture?"
+        assert rel_err(_next_token_logits(q, prompt), _next_token_logits(fp32_session, prompt)) < 1e-4
+        got, want = _all_logits(q, prompt), _all_logits(fp32_session, prompt)  # prefill + one-row decode steps
+        assert got.shape == want.shape and got.shape[0] > 1 and rel_err(got, want) < 1e-4
+    finally:
+        quant.ROWVEC_BLAS["lora"] = saved
     assert quant.restore_dense(q.model) == 15
     assert isinstance(q.model.lm_head, torch.nn.Linear) and isinstance(q.model.lm_head.weight, torch.nn.Parameter)
     assert torch.equal(q.model.lm_head.weight, before["lm_head.weight"])
