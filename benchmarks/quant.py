@@ -64,6 +64,12 @@ def weight_bytes(model, adapters: bool = True) -> int:
     return total
 
 
+def _gbs(timing: dict, layout: str) -> str:
+    """GB/s of a layout's one-row product from a layout timing row ("-" where that layout was not timed)."""
+    t = timing.get(f"{layout}_s")
+    return "-" if t is None or t == float("inf") else f"{timing['bytes'] / t / 1e9:.1f}"
+
+
 class LayoutSwitch:
     """The fp32 model's base linears in several layouts at once, swapped in and out between runs: "plain" (the
     Parameters, shared with the transformers baseline), "onednn" (packed copies: extra memory, built on first use)
@@ -344,9 +350,10 @@ def only_kernel_table(args, argv) -> int:
           "machine: other jobs ran at the same time). Random weights; one row (decode); best of 10 after a "
           "warm-up. No NPU/GPU figures.", "",
           "Layout measured at load (what `moevl.place` keeps, > 5% margin), GB/s of weight bytes:", "",
-          "| weight [out x in] | dtype | MKL F.linear | oneDNN packed | chosen |", "|---|---|---|---|---|"]
-    md += [f"| {r['out']} x {r['in']} | {r['dtype']} | {r['bytes'] / r['plain_s'] / 1e9:.1f} | "
-           f"{r['bytes'] / r['onednn_s'] / 1e9:.1f} | {r['chosen']} |" for r in layouts]
+          "| weight [out x in] | dtype | MKL F.linear | oneDNN packed | OpenBLAS sgemv | chosen |",
+          "|---|---|---|---|---|---|"]
+    md += [f"| {r['out']} x {r['in']} | {r['dtype']} | {_gbs(r, 'plain')} | {_gbs(r, 'onednn')} | "
+           f"{_gbs(r, 'openblas')} | {r['chosen']} |" for r in layouts]
     md += ["", "Each form (bf16 activations; ms, and GB/s of the bytes that form reads); the last row is lm_head:",
            "", "| weight [out x in] | " + " | ".join(forms) + " |", "|---|" + "---|" * len(forms)]
     for shape in dict.fromkeys(tuple(r["shape"]) for r in rows):
@@ -602,14 +609,15 @@ def main(argv=None) -> int:
            "Accuracy columns are against ours fp32 on the same random weights (first-token logits: max abs error / "
            "max |logit|; greedy tokens equal position by position); task accuracy per variant comes from "
            "`moevl eval` on trained weights (not run here)."]
-    layout_rows = [f"| {k[0]} x {k[1]} | {str(k[2]).removeprefix('torch.')} | {v['bytes'] / v['plain_s'] / 1e9:.1f} | "
-                   f"{v['bytes'] / v['onednn_s'] / 1e9:.1f} | {quant._LAYOUT_CHOICE[k]} |"
+    layout_rows = [f"| {k[0]} x {k[1]} | {str(k[2]).removeprefix('torch.')} | {_gbs(v, 'plain')} | "
+                   f"{_gbs(v, 'onednn')} | {_gbs(v, 'openblas')} | {quant._LAYOUT_CHOICE[k]} |"
                    for k, v in quant.LAYOUT_TIMES.items()]
     payload["layout_timings"] = [{"out": k[0], "in": k[1], "dtype": str(k[2]), **v, "chosen": quant._LAYOUT_CHOICE[k]}
                                  for k, v in quant.LAYOUT_TIMES.items()]
     md += ["", "CPU weight layout per shape, measured at load (one-row product, best of 10, GB/s of weight bytes; "
-           "oneDNN kept only when > 5% faster):", "",
-           "| weight [out x in] | dtype | MKL F.linear | oneDNN packed | chosen |", "|---|---|---|---|---|"] + layout_rows
+           "the fastest kept only when > 5% faster than MKL; OpenBLAS: fp32 only):", "",
+           "| weight [out x in] | dtype | MKL F.linear | oneDNN packed | OpenBLAS sgemv | chosen |",
+           "|---|---|---|---|---|---|"] + layout_rows
     if kernels_rows:
         forms = list(dict.fromkeys(r["form"] for r in kernels_rows))
         md += ["", "Decode GEMV per weight shape and form (random weights, best of 10, ms and GB/s of the bytes the "
