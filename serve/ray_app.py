@@ -35,7 +35,11 @@ def build(cfg: ServerConfig, replicas: int | None, cluster_resources: dict):
     from ray import serve
 
     actor_options, device, devices = placement(cfg.device, cluster_resources)
-    replica_cfg = dataclasses.replace(cfg, device=device)
+    # Ray's router admits at most max_batch + max_queue requests per replica (max_ongoing_requests below). It counts
+    # a request as finished when its response ends, and the replica's scheduler frees the row a moment later; a
+    # request Ray routes in that moment (or re-routes from a lost replica) must not be turned away with 429 by the
+    # replica's own bound, so the replica's queue gets one batch of slack (CI saw that 429 once on 2 cores).
+    replica_cfg = dataclasses.replace(cfg, device=device, max_queue=cfg.max_queue + cfg.max_batch)
 
     @serve.ingress()
     class MoevlReplica:
