@@ -189,21 +189,7 @@ def test_a_quantised_tiny_model_stays_close_to_fp32_and_routes_the_same(fp32_ses
 
 
 def _next_token_logits(session, prompt):
-    captured = []
-    model = session.model
-    original = model.logits
-
-    def spy(*a, **k):
-        out = original(*a, **k)
-        captured.append(out.detach().float().clone())
-        return out
-    model.logits = spy
-    try:
-        session.ask(prompt, max_new_tokens=1)
-    finally:
-        del model.logits
-    assert captured, "the session computed no logits"
-    return captured[0]  # [batch, vocab], fp32
+    return _all_logits(session, prompt, tokens=1)  # [batch, vocab], fp32
 
 
 def test_quantised_weights_are_used_by_the_lora_moe_linears(fp32_session):
@@ -336,6 +322,7 @@ def _all_logits(session, prompt, tokens=4):
         session.ask(prompt, max_new_tokens=tokens)
     finally:
         del model.logits
+    assert captured, "the session computed no logits"
     return torch.cat(captured)
 
 
