@@ -23,6 +23,7 @@ F.linear), the oracle.
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -469,7 +470,7 @@ class OpenblasWeight(QuantizedWeight):
             raise ValueError(f"the OpenBLAS layout takes a CPU float32 weight, not {weight.dtype} on {weight.device}")
         self.plain = weight.detach().contiguous()  # not a buffer: the state dict holds it as "<linear>.weight"
         self._np = self.plain.numpy()
-        self.kernel_name = "OpenBLAS sgemv (numpy.matmul) for one row, else F.linear"
+        self.kernel_name = "OpenBLAS sgemv (numpy.matmul) for one row, oneDNN on the plain weight for several"
 
     @property
     def device(self) -> torch.device:
@@ -508,7 +509,8 @@ def rowvec_linear(x2: torch.Tensor, w_np, bias: torch.Tensor | None = None) -> t
 
 
 def rowvec_matmul(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """h [1, k] @ m [k, n] (float32, CPU, m C-contiguous) through numpy's sgemv -> [1, n]."""
+    """h [1, k] @ m [k, n] (float32, CPU; numpy passes a transposed view to BLAS as such) through numpy's sgemv
+    -> [1, n]."""
     import numpy as np
 
     out = torch.empty(1, m.shape[1], dtype=torch.float32)
@@ -516,6 +518,7 @@ def rowvec_matmul(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@functools.cache
 def blas_rowvec_usable() -> bool:
     """numpy is importable and its matmul fills an ``out`` view of a torch tensor (always so with numpy's wheels)."""
     try:
