@@ -66,23 +66,98 @@ def answer_ids(family: str, tokenizer, cfg, answer: str) -> list[int]:
 def make_batch(family: str, processor, records: list[Record]):
     """-> (the family's batch of prompt + answer, labels [B, L] with IGNORE outside the answers)."""
     cfg = processor.cfg
-    prompts = [processor.chat(r.question, num_images=1) for r in records]
-    pb = processor(prompts, [[r.image] for r in records])
+    pb = processor([processor.chat(r.question, num_images=1) for r in records], [[r.image] for r in records])
     answers = [answer_ids(family, processor.tokenizer, cfg, r.answer) for r in records]
-    seqs = [row[mask.bool()].tolist() + ans for row, mask, ans in zip(pb.input_ids, pb.attention_mask, answers)]
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(pb.input_ids, pb.attention_mask)]
     if hasattr(pb, "grid_thw"):  # Qwen2-VL's processor: patches + grids
+        return _collate(processor, prompts, answers, [tuple(g) for g in pb.grid_thw.tolist()], [pb.patches])
+    return _collate(processor, prompts, answers, None, pb.pixels)
+
+
+def _collate(processor, prompts: list[list[int]], answers: list[list[int]], grids, images):
+    """Prompt ids + answer ids -> (batch, labels). grids: Awaker's image grids (None for MoE-LLaVA); images: the
+    patches (Awaker: a list of tensors) or pixels, or None (the tower's output comes from a ``TowerCache``)."""
+    cfg = processor.cfg
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    if grids is not None:
         from moevl.model.awaker.inputs import collate
 
-        grids = [tuple(g) for g in pb.grid_thw.tolist()]
-        batch = collate(seqs, grids, [pb.patches], cfg)
+        batch = collate(seqs, grids, images, cfg)
     else:
         from moevl.model.moe_llava.inputs import collate
 
-        batch = collate(seqs, pb.pixels, cfg.pad_token_id)
+        batch = collate(seqs, images, cfg.pad_token_id)
     labels = torch.full_like(batch.input_ids, IGNORE)
     for i, ans in enumerate(answers):  # left-padded: every answer ends its row
         labels[i, -len(ans):] = torch.tensor(ans)
     return batch, labels
+
+
+def tower_prefixes(model) -> tuple[str, ...]:
+    """The names of the vision tower's own parameters (not its merger / projector): what ``--freeze-vision`` keeps."""
+    return ("visual.blocks.", "visual.patch_embed.") if hasattr(model, "visual") else ("vision_tower.",)
+
+
+class TowerCache:
+    """Per record: its prompt's token ids, its image's grid and the vision tower's output before the merger /
+    projector, computed the first time training draws the record and reused by every later epoch: for the stages
+    that train nothing in the tower (stage 0 with the tower frozen, 1, 2, 3, moe), where a step otherwise spends
+    about half its time decoding, resizing and re-encoding images. The same batches and, up to fp32 rounding, the
+    same features as ``make_batch`` + ``forward`` (tests/test_train_cache.py checks both).
+
+    ``max_bytes``: once the cached features reach it, further records are computed each time they are drawn."""
+
+    def __init__(self, family: str, model, processor, max_bytes: int):
+        self.family, self.model, self.processor, self.max_bytes = family, model, processor, max_bytes
+        self.entries: dict = {}      # record key -> (prompt ids, grid or None, tower output [tokens, dim] on CPU)
+        self.answers: dict = {}      # answer text -> ids (answers repeat: colours, shapes, positions, counts)
+        self.bytes = 0
+
+    def batch(self, records: list[Record], keys: list) -> tuple:
+        """records and a key per record (the same key for the same record) -> (batch, labels, tower output: Awaker
+        [all image patches, dim], MoE-LLaVA [images, tokens, dim])."""
+        missing = [i for i, k in enumerate(keys) if k not in self.entries]
+        fresh = dict(zip((keys[i] for i in missing), self._encode([records[i] for i in missing]))) if missing else {}
+        rows = [self.entries[k] if k in self.entries else fresh[k] for k in keys]
+        for k, row in fresh.items():
+            size = row[2].numel() * row[2].element_size()
+            if self.bytes + size <= self.max_bytes:
+                self.entries[k] = row
+                self.bytes += size
+        cfg = self.processor.cfg
+        answers = []
+        for r in records:
+            if r.answer not in self.answers:
+                self.answers[r.answer] = answer_ids(self.family, self.processor.tokenizer, cfg, r.answer)
+            answers.append(self.answers[r.answer])
+        prompts = [row[0] for row in rows]
+        if rows[0][1] is not None:  # Awaker: per-image grids, patches concatenated
+            batch, labels = _collate(self.processor, prompts, answers, [row[1] for row in rows], None)
+            return batch, labels, torch.cat([row[2] for row in rows])
+        batch, labels = _collate(self.processor, prompts, answers, None, None)
+        return batch, labels, torch.stack([row[2] for row in rows])
+
+    @torch.no_grad()
+    def _encode(self, records: list[Record]) -> list[tuple]:
+        """The processor's prompt ids and the tower's output, image by image (as ``encode_images_apart``)."""
+        p, m = self.processor, self.model
+        pb = p([p.chat(r.question, num_images=1) for r in records], [[r.image] for r in records])
+        dev = next(m.parameters()).device
+        rows, start = [], 0
+        for i, (ids, mask) in enumerate(zip(pb.input_ids, pb.attention_mask)):
+            prompt = ids[mask.bool()].tolist()
+            if hasattr(pb, "grid_thw"):
+                t, h, w = pb.grid_thw[i].tolist()
+                end = start + t * h * w
+                out = m.visual.blocks_out(pb.patches[start:end].to(dev, m.lm_head.weight.dtype),
+                                          pb.vision_pos[start:end].to(dev),
+                                          pb.vision_keep[start:end, start:end].to(dev))
+                rows.append((prompt, (t, h, w), out.cpu()))
+                start = end
+            else:
+                out = m.vision_tower(pb.pixels[i:i + 1].to(dev, m.lm_head.weight.dtype))[0]
+                rows.append((prompt, None, out.cpu()))
+        return rows
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -93,15 +168,18 @@ class ForwardOut:
     experts: dict             # router name -> chosen expert [B] (Awaker) or top-1 counts (MoE-LLaVA)
 
 
-def forward(family: str, model, batch) -> ForwardOut:
-    """The network over whole sequences (no KV cache), as inference's prefill computes them."""
+def forward(family: str, model, batch, tower_out=None) -> ForwardOut:
+    """The network over whole sequences (no KV cache), as inference's prefill computes them. ``tower_out``: the
+    images' vision-tower output before the merger / projector, from a ``TowerCache`` (the batch has no pixels)."""
     length = batch.input_ids.shape[1]
     keep = attention_keep(batch.attention_mask.bool(), torch.arange(length, device=batch.input_ids.device))
     if routes_per_request(model):
         from moevl.model.awaker.inputs import pooled_prompt
 
         feats = None
-        if batch.patches is not None:
+        if tower_out is not None:
+            feats = model.visual.merge(tower_out)
+        elif batch.patches is not None:
             feats = encode_images_apart(model, batch)
         embeds = model.embed(batch.input_ids, feats, batch.image_mask)
         routing = model.route(pooled_prompt(embeds, batch.span)) if model.has_adapters else None
@@ -111,7 +189,11 @@ def forward(family: str, model, batch) -> ForwardOut:
             experts[f"layer{i}.attn"] = r.attn_expert.detach()
             experts[f"layer{i}.mlp"] = r.mlp_expert.detach()
         return ForwardOut(hidden, hidden.new_zeros(()), experts)
-    feats = model.encode_images(batch.pixels) if batch.pixels is not None else None
+    feats = None
+    if tower_out is not None:
+        feats = model.mm_projector(tower_out)
+    elif batch.pixels is not None:
+        feats = model.encode_images(batch.pixels)
     embeds = model.embed(batch.input_ids, feats, batch.image_mask)
     hidden, chosen = model(embeds, batch.positions, None, keep)
     real = batch.attention_mask.bool().reshape(-1)
@@ -142,9 +224,9 @@ def load_balancing_loss(info, real: torch.Tensor) -> torch.Tensor:
     return (probs.mean(0) * top1.mean(0)).sum() * e
 
 
-def loss_of(family: str, model, batch, labels) -> tuple[torch.Tensor, ForwardOut]:
+def loss_of(family: str, model, batch, labels, tower_out=None) -> tuple[torch.Tensor, ForwardOut]:
     """Mean cross-entropy over the answer tokens (position t predicts token t + 1)."""
-    out = forward(family, model, batch)
+    out = forward(family, model, batch, tower_out)
     target = labels[:, 1:]
     sel = target != IGNORE
     logits = model.logits(out.hidden[:, :-1][sel])  # only the scored positions reach the vocabulary projection

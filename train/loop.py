@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from moevl.train.examples import Record, loss_of, make_batch
+from moevl.train.examples import Record, TowerCache, loss_of, make_batch, tower_prefixes
 
 STATE = "state.pt"
 LOSS_LOG = "loss.jsonl"
@@ -35,6 +35,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     checkpoint_every: int = 50      # steps between saved states (for --resume)
     autocast: torch.dtype | None = None  # bf16 on chips that prefer it
+    tower_cache_mb: int = 4096      # a frozen vision tower's output kept per record (TowerCache); 0: none
 
     def total_steps(self, n_records: int) -> int:
         if self.steps is not None:
@@ -98,19 +99,28 @@ def train(family: str, model, processor, records: list[Record], params: dict[str
         opt.load_state_dict(state["optimizer"])
         start, log = state["step"], state["log"]
     dev = device.torch_device if device is not None else torch.device("cpu")
+    cache = None
+    if step_loss is None and settings.tower_cache_mb > 0 and not any(n.startswith(tower_prefixes(model))
+                                                                     for n in params):
+        cache = TowerCache(family, model, processor, settings.tower_cache_mb * 2 ** 20)
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(range(start, total), initial=start, total=total, desc=desc, disable=not progress, dynamic_ncols=True)
     with open(work / LOSS_LOG, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in log)  # a resumed run's rows up to its saved state
         for step in bar:
-            chosen = [records[i] for i in batch_indices(len(records), settings.batch_size, settings.seed, step)]
+            keys = batch_indices(len(records), settings.batch_size, settings.seed, step)
+            chosen = [records[i] for i in keys]
             lr = lr_at(step, total, settings)
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.autocast(dev.type, dtype=settings.autocast, enabled=settings.autocast is not None):
                 if step_loss is not None:
                     lm, aux = step_loss(chosen)
+                elif cache is not None:
+                    batch, labels, tower = cache.batch(chosen, keys)
+                    lm, out = loss_of(family, model, batch.to(dev), labels.to(dev), tower.to(dev))
+                    aux = out.aux_loss
                 else:
                     batch, labels = make_batch(family, processor, chosen)
                     lm, out = loss_of(family, model, batch.to(dev), labels.to(dev))

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from moevl.model.checkpoint import CHECKPOINT, check_output_folder
-from moevl.train.examples import has_moe_layers, read_records, routes_per_request
+from moevl.train.examples import has_moe_layers, read_records, routes_per_request, tower_prefixes
 from moevl.train.loop import LOSS_LOG, LOSS_PLOT, TrainSettings, train
 
 STAGES = ("vision", "0", "1", "2", "3", "moe")
@@ -89,8 +89,7 @@ def run_stage(model: str | Path, data: str | Path, stage: str, out: str | Path, 
     elif stage == "0":
         params = dict(m.named_parameters())
         if options.freeze_vision:
-            tower = ("visual.blocks.", "visual.patch_embed.") if hasattr(m, "visual") else ("vision_tower.",)
-            params = {n: p for n, p in params.items() if not n.startswith(tower)}
+            params = {n: p for n, p in params.items() if not n.startswith(tower_prefixes(m))}
     elif stage == "1":
         _need(routes_per_request(m), f"--stage 1 is Awaker's recipe; {model} is a {family} model (use --stage moe)")
         _need(not m.has_adapters, f"{model} already has LoRA-MoE adapters: stage 1 starts from a base without them "

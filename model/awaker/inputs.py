@@ -239,7 +239,8 @@ class AwakerProcessor:
 
 
 def collate(seqs: list[list[int]], grids, all_patches, cfg: AwakerConfig) -> AwakerBatch:
-    """Left-pad a batch and compute positions, spans and vision inputs."""
+    """Left-pad a batch and compute positions, spans and vision inputs (``all_patches`` None: the images' tower
+    output is at hand elsewhere; the batch keeps their grids, without patches and the tower's inputs)."""
     input_ids, mask = left_pad(seqs, cfg.pad_token_id)
     b, length = input_ids.shape
     positions = torch.zeros(3, b, length, dtype=torch.long)
@@ -257,7 +258,7 @@ def collate(seqs: list[list[int]], grids, all_patches, cfg: AwakerConfig) -> Awa
         s, e = prompt_span(ids, cfg)
         span[i] = torch.tensor([s + off, e + off])
     grid_t = torch.tensor(grids, dtype=torch.long) if grids else None
-    if grid_t is not None:
+    if grid_t is not None and all_patches is not None:
         vpos, vkeep = vision_inputs(grid_t, cfg.vision.spatial_merge_size)
         patches = torch.cat(all_patches)
     else:

@@ -73,6 +73,10 @@ class VisionTower(nn.Module):
 
     def forward(self, patches, pos_hw, keep):
         """patches [N, C*t*p*p]; pos_hw [N, 2] (row, col of each patch); keep [N, N] -> features [N/4, hidden]."""
+        return self.merge(self.blocks_out(patches, pos_hw, keep))
+
+    def blocks_out(self, patches, pos_hw, keep):
+        """The tower before its merger: patch embedding and blocks -> [N, embed_dim]."""
         x = self.ops.patch_embed(patches, self.patch_embed.proj.weight)
         freqs = pos_hw[..., None].float() * self.inv_freq  # [N, 2, hd/4]
         freqs = freqs.flatten(1)                             # [N, hd/2]: h angles then w angles
@@ -80,6 +84,10 @@ class VisionTower(nn.Module):
         cos, sin = emb.cos(), emb.sin()
         for blk in self.blocks:
             x = blk(x, cos, sin, keep)
+        return x
+
+    def merge(self, x):
+        """The merger: every 2x2 patches of ``blocks_out`` -> one image token [N/4, hidden]."""
         merged = self.merger.ln_q(x).view(-1, self.merger.mlp[0].in_features)
         return self.merger.mlp(merged)
 
