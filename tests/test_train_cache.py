@@ -135,3 +135,23 @@ def test_training_with_and_without_the_cache_ends_at_the_same_weights(tmp_path, 
     moved = max((a[k].float() - base[k].float()).abs().max().item() for k in base if k in a and
                 a[k].shape == base[k].shape)
     assert moved > 1e-3
+
+
+def test_cli_tower_cache_flag(tmp_path, data, capsys, monkeypatch):
+    from moevl.cli import main
+
+    code = main(["train", "--model", "awaker-tiny", "--data", str(data), "--stage", "3", "--out",
+                 str(tmp_path / "bad"), "--quiet", "--tower-cache-mb", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--tower-cache-mb" in err
+    assert not (tmp_path / "bad").exists()
+    calls = _cache_calls(monkeypatch)
+    code = main(["train", "--model", "awaker-tiny", "--data", str(data), "--stage", "3", "--out",
+                 str(tmp_path / "off"), "--quiet", "--steps", "1", "--batch-size", "2", "--tower-cache-mb", "0"])
+    assert code == 0 and calls["n"] == 0
+    code = main(["train", "--model", "awaker-tiny", "--data", str(data), "--stage", "3", "--out",
+                 str(tmp_path / "on"), "--quiet", "--steps", "1", "--batch-size", "2"])
+    assert code == 0 and calls["n"] == 1
+
+
+from tests.train_fixtures import _no_npu_accelerator_leak  # noqa: E402,F401  (autouse)

@@ -135,8 +135,10 @@ def cmd_train(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
     if args.epochs is not None and args.epochs <= 0 or args.lr <= 0:
         raise ValueError("--epochs and --lr must be positive")
+    if args.tower_cache_mb < 0:
+        raise ValueError(f"--tower-cache-mb must be 0 (no cache) or more, not {args.tower_cache_mb}")
     settings = TrainSettings(steps=args.steps, epochs=args.epochs or 1.0, lr=args.lr, batch_size=args.batch_size,
-                             seed=args.seed)
+                             seed=args.seed, tower_cache_mb=args.tower_cache_mb)
     moe_layers = None
     if args.moe_layers:
         try:
@@ -178,6 +180,9 @@ def add_train_parser(subparsers):
     p.add_argument("--moe-layers", default=None, help="moe: layer indices (default every other layer from 0)")
     p.add_argument("--freeze-vision", action="store_true", help="stage 0: keep the vision tower as it is (after "
                    "--stage vision); its merger / projector is still trained")
+    p.add_argument("--tower-cache-mb", type=int, default=4096,
+                   help="when the vision tower is frozen, keep its output per record for later epochs, up to this "
+                        "many MB (0: recompute every step)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last saved state")
     p.add_argument("--force", action="store_true", help="replace an existing --out that is a moevl checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
