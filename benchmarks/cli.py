@@ -8,7 +8,7 @@ BENCHMARKS = {"kernels": "moevl.benchmarks.kernels", "e2e": "moevl.benchmarks.e2
               "e2e_moellava": "moevl.benchmarks.e2e_moellava", "lora_kernel": "moevl.benchmarks.lora_kernel",
               "quality": "moevl.benchmarks.quality", "quant": "moevl.benchmarks.quant",
               "serve": "moevl.benchmarks.serve", "serve_rss": "moevl.benchmarks.serve_rss",
-              "report": "moevl.benchmarks.report"}
+              "report": "moevl.benchmarks.report", "train_step": "moevl.benchmarks.train_step"}
 
 
 def run_bench(args) -> int:

@@ -154,4 +154,17 @@ def test_cli_tower_cache_flag(tmp_path, data, capsys, monkeypatch):
     assert code == 0 and calls["n"] == 1
 
 
+def test_train_step_benchmark_writes_its_report(tmp_path):
+    import json
+
+    from moevl.benchmarks import train_step
+
+    assert train_step.main(["--batch", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "train-step-cpu.json").read_text())
+    assert [r["preset"] for r in report["rows"]] == list(train_step.PRESETS)
+    for r in report["rows"]:
+        assert r["seconds"]["make_batch"] > 0 and r["seconds"]["cache"] > 0 and r["cache_bytes_per_record"] > 0
+    assert "flags" in (tmp_path / "train-step-cpu.md").read_text()
+
+
 from tests.train_fixtures import _no_npu_accelerator_leak  # noqa: E402,F401  (autouse)

@@ -1,0 +1,103 @@
+"""Training step time with and without the frozen-tower cache (not a test):
+``python -m moevl.benchmarks.train_step [--batch 64] [--repeats 6] [--threads 1] [--out DIR]``.
+
+For each trained default (awaker-tiny, moellava-tiny), with the vision tower frozen as in the defaults build's
+question stages: one batch's forward + backward built by ``make_batch`` (image decoding, the processor, the tower
+every step) against the same batch from a warm ``TowerCache`` (what every epoch after the first does), interleaved in
+each repeat, medians. Data: freshly generated shapes records (a temporary folder). Writes <out>/train-step-cpu.json
+and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moevl.benchmarks.common import RESULTS, environment, progress, write_results
+
+PRESETS = ("awaker-tiny", "moellava-tiny")
+
+
+def measure(preset: str, data: Path, batch: int, repeats: int) -> dict:
+    import moevl
+    from moevl.train.examples import TowerCache, loss_of, make_batch, read_records, tower_prefixes
+
+    s = moevl.load(preset, device="cpu", dtype="fp32")
+    m = s.model
+    for n, p in m.named_parameters():
+        p.requires_grad_(not n.startswith(tower_prefixes(m)))
+    recs = read_records(data)
+    cache = TowerCache(s.family, m, s.processor, 2 ** 34)
+    slices = [list(range(i * batch, (i + 1) * batch)) for i in range(len(recs) // batch)]
+    for keys in slices:  # the first epoch: fills the cache
+        cache.batch([recs[k] for k in keys], keys)
+
+    def plain(keys):
+        b, labels = make_batch(s.family, s.processor, [recs[k] for k in keys])
+        loss, _ = loss_of(s.family, m, b, labels)
+        loss.backward()
+
+    def cached(keys):
+        b, labels, tower = cache.batch([recs[k] for k in keys], keys)
+        loss, _ = loss_of(s.family, m, b, labels, tower)
+        loss.backward()
+
+    times = {"make_batch": [], "cache": []}
+    plain(slices[0])
+    cached(slices[0])
+    for r in range(repeats):
+        keys = slices[r % len(slices)]
+        for name, fn in (("make_batch", plain), ("cache", cached)):
+            t0 = time.perf_counter()
+            fn(keys)
+            times[name].append(time.perf_counter() - t0)
+            m.zero_grad(set_to_none=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"preset": preset, "family": s.family, "batch": batch, "repeats": repeats,
+            "seconds": {k: round(v, 4) for k, v in med.items()},
+            "all_seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
+            "speedup": round(med["make_batch"] / med["cache"], 2),
+            "cache_bytes_per_record": round(cache.bytes / max(1, len(cache.entries)))}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moevl.benchmarks.train_step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the defaults build trains on one each)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from moevl.ascend.device import resolve_device
+    from moevl.train.data import make_shapes
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_shapes(Path(tmp) / "shapes", args.batch * 4, seed=7)
+        for preset in progress(len(PRESETS), "train step", PRESETS):
+            rows.append(measure(preset, data, args.batch, args.repeats))
+    env = environment(resolve_device("cpu"))
+    md = ["# Training step: make_batch vs the frozen-tower cache (CPU)", "",
+          f"Command: `{env['command']}`; torch {env['torch']}, {args.threads} thread(s). One forward + backward of "
+          f"a batch of {args.batch} shapes records (the vision tower frozen, everything else trainable, as the "
+          "defaults build's question stages), medians of "
+          f"{args.repeats} repeats, the two variants interleaved in each. `make_batch`: decode, the processor and "
+          "the tower every step (the first epoch, or no cache); `cache`: a warm `TowerCache` (every later epoch).",
+          "", "| model | make_batch (s) | cache (s) | speed-up | cached bytes per record |", "|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['preset']} | {r['seconds']['make_batch']:.3f} | {r['seconds']['cache']:.3f} | "
+                  f"{r['speedup']:.2f}x | {r['cache_bytes_per_record']:,} |")
+    write_results("train-step", resolve_device("cpu"), {"environment": env, "rows": rows}, "\n".join(md) + "\n",
+                  Path(args.out))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
