@@ -29,6 +29,7 @@ def measure(preset: str, data: Path, batch: int, repeats: int) -> dict:
 
     s = moevl.load(preset, device="cpu", dtype="fp32")
     m = s.model
+    m.train()  # as the training loop (MoE layers keep their routing for the load-balancing loss)
     for n, p in m.named_parameters():
         p.requires_grad_(not n.startswith(tower_prefixes(m)))
     recs = read_records(data)
