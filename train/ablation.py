@@ -55,11 +55,17 @@ def run(build: Path, out: Path, per_pair: int, batch_size: int = 32, control: Pa
     build_info = json.loads((build / "build.json").read_text()) if (build / "build.json").is_file() else {}
     summary = {"build": str(build), "control": str(control) if control else None, "per_pair": per_pair, "n": results[STAGES[0][0]]["n"],
                "cpu": cpu_model_name(), "python": platform.python_version(),
-               "steps": {k: v for k, v in build_info.get("plan", {}).get("steps", {}).items() if k.startswith("awaker")},
-               "results": results}
+               "steps": stage_plan(build_info), "results": results}
     out.with_suffix(".json").write_text(json.dumps(summary, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     out.write_text(render(summary), encoding="utf-8")
     return summary
+
+
+def stage_plan(build_info: dict) -> dict:
+    """awaker-tiny's stages in the build's plan (build.json) -> {stage: "steps x batch"}."""
+    plan = build_info.get("plan", {})
+    return {k: f"{v} x {plan.get('batches', {}).get(k, plan.get('batch', '?'))}"
+            for k, v in plan.get("steps", {}).items() if k.startswith("awaker")}
 
 
 def _pct(x) -> str:
@@ -75,7 +81,7 @@ def render(s: dict) -> str:
              + (f" --control {s['control']}" if s.get("control") else "") + f"` on {s['cpu']} "
              f"(Python {s['python']}). Data: the first {s['per_pair']} validation questions of each task and language "
              f"({s['n']} in all; validation split of the defaults build, a seed never trained on). Greedy decoding, "
-             f"fp32, exact match. Training steps per stage (batch 16): {s['steps']}; stages 2 and 3 continue from "
+             f"fp32, exact match. Training steps x batch per stage: {s['steps']}; stages 2 and 3 continue from "
              "the stage before, so stage 2 has seen more multi-task steps than stage 1 (same data); the control "
              "(when given) is a stage-1 LoRA trained for as many steps as stages 1 + 2 + 3 together, from the same "
              "base, data, rank and peak learning rate: the equal-budget single-LoRA baseline.", "",
