@@ -46,7 +46,10 @@ def test_compiled_decode_step_takes_each_family_forward_signature(monkeypatch):
     generator), which the old NPU wrapper (5 parameters) refused with a TypeError."""
     for preset, n_args in (("moellava-tiny", 6), ("awaker-tiny", 5)):
         s = moevl.load(preset, device="cpu")
-        want = s.ask("Describe.", images=[DEMO_IMAGE], max_new_tokens=4)
+        # the data set's caption question: the trained defaults answer it at length, so all 4 tokens are
+        # generated (no end-of-turn token cuts the decode steps short)
+        want = s.ask("Describe the image.", images=[DEMO_IMAGE], max_new_tokens=4)
+        assert len(want.token_ids[0]) == 4
         calls = []
 
         def fake_compile(fn):
@@ -57,7 +60,7 @@ def test_compiled_decode_step_takes_each_family_forward_signature(monkeypatch):
 
         monkeypatch.setattr(s.device, "compile_step", fake_compile)
         s.compile()
-        got = s.ask("Describe.", images=[DEMO_IMAGE], max_new_tokens=4)
+        got = s.ask("Describe the image.", images=[DEMO_IMAGE], max_new_tokens=4)
         assert got.token_ids == want.token_ids
         assert calls == [n_args] * (len(got.token_ids[0]) - 1)  # the decode steps only, with every argument
 
