@@ -66,12 +66,17 @@ def answer_ids(family: str, tokenizer, cfg, answer: str) -> list[int]:
 def make_batch(family: str, processor, records: list[Record]):
     """-> (the family's batch of prompt + answer, labels [B, L] with IGNORE outside the answers)."""
     cfg = processor.cfg
-    pb = processor([processor.chat(r.question, num_images=1) for r in records], [[r.image] for r in records])
+    pb = _prompts(processor, records)
     answers = [answer_ids(family, processor.tokenizer, cfg, r.answer) for r in records]
     prompts = [row[mask.bool()].tolist() for row, mask in zip(pb.input_ids, pb.attention_mask)]
     if hasattr(pb, "grid_thw"):  # Qwen2-VL's processor: patches + grids
         return _collate(processor, prompts, answers, [tuple(g) for g in pb.grid_thw.tolist()], [pb.patches])
     return _collate(processor, prompts, answers, None, pb.pixels)
+
+
+def _prompts(processor, records: list[Record]):
+    """The records' questions and images as the processor builds an inference request of them."""
+    return processor([processor.chat(r.question, num_images=1) for r in records], [[r.image] for r in records])
 
 
 def _collate(processor, prompts: list[list[int]], answers: list[list[int]], grids, images):
@@ -141,7 +146,7 @@ class TowerCache:
     def _encode(self, records: list[Record]) -> list[tuple]:
         """The processor's prompt ids and the tower's output, image by image (as ``encode_images_apart``)."""
         p, m = self.processor, self.model
-        pb = p([p.chat(r.question, num_images=1) for r in records], [[r.image] for r in records])
+        pb = _prompts(p, records)
         dev = next(m.parameters()).device
         rows, start = [], 0
         for i, (ids, mask) in enumerate(zip(pb.input_ids, pb.attention_mask)):
