@@ -143,6 +143,7 @@ class QuantizedWeight(nn.Module):
         self.compute_dtype = dtype
         self.kernel = None  # (x2 [M, in], bias | None) -> [M, out]; None: self.reference
         self.kernel_name = "reference"
+        self.mlas = None  # kernels.mlas.MatMulNBits once bound to it (then the stored values live only there)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -201,8 +202,28 @@ class Int8Weight(QuantizedWeight):
         m.qweight, m.scales = q, s.to(m.compute_dtype)
         return m
 
+    def nbytes(self) -> int:
+        if self.mlas is not None:  # ONNX Runtime's copy: the values, one fp32 scale per block
+            return self.out_features * self.in_features + self.out_features * self.in_features // self.mlas.block * 4
+        return super().nbytes()
+
     def dequantize(self, dtype=torch.float32):
-        return dequantize_int8(self.qweight, self.scales, dtype)
+        return dequantize_int8(self.stored_qweight(), self.scales, dtype)
+
+    def stored_qweight(self) -> torch.Tensor:
+        """The stored int8 values, recovered from ONNX Runtime's session when the MLAS layout replaced them (slow for
+        big weights: a product with identity rows; ``moevl quantize`` saves before any layout is chosen)."""
+        if self.mlas is None:
+            return self.qweight
+        from moevl.kernels import mlas
+
+        s = self.scales.float()[:, None].expand(-1, self.in_features // self.mlas.block)
+        return (mlas.recover_uint8(self.mlas, s) ^ 0x80).view(torch.int8)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.mlas is not None:  # the stored form, not the session's private layout
+            destination[prefix + "qweight"] = self.stored_qweight()
 
 
 class Int4Weight(QuantizedWeight):
@@ -227,6 +248,8 @@ class Int4Weight(QuantizedWeight):
     def nbytes(self) -> int:
         if self.cpu_packed is not None:
             return sum(t.numel() * t.element_size() for t in self.cpu_packed)
+        if self.mlas is not None:  # ONNX Runtime's copy: the nibbles, one fp32 scale per group
+            return self.out_features * self.in_features // 2 + self.scales.numel() * 4
         return super().nbytes()
 
     def dequantize(self, dtype=torch.float32):
@@ -235,13 +258,17 @@ class Int4Weight(QuantizedWeight):
     def stored_qweight(self) -> torch.Tensor:
         """The stored (device-independent) nibbles, recovered from the CPU layout when it replaced them (slow for
         big weights: a product with identity rows; ``moevl quantize`` saves before any layout is chosen)."""
+        if self.mlas is not None:
+            from moevl.kernels import mlas
+
+            return pack_int4(mlas.recover_uint8(self.mlas, self.scales))
         if self.cpu_packed is None:
             return self.qweight
         return pack_int4(_unpack_cpu_int4(self))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.cpu_packed is not None:  # the stored form, not the CPU kernel's private layout
+        if self.cpu_packed is not None or self.mlas is not None:  # the stored form, not the CPU kernel's private layout
             destination[prefix + "qweight"] = self.stored_qweight()
 
 
@@ -337,25 +364,31 @@ def _int8_cpu(module: Int8Weight):
     return kernel
 
 
-def _int4_cpu(module: Int4Weight):
-    if module.cpu_packed is None:
-        # row blocks (multiples of 64: the layout is local to its blocks of rows, checked in tests): the int32
-        # input the op wants is 8x the packed size, too much to build at once for lm_head
-        stored = module.qweight
-        packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            unpack_int4(stored[i:i + 1024]).to(torch.int32), 1) for i in range(0, stored.shape[0], 1024)])
-        sz = torch.stack((module.scales.t(), module.zeros.t()), dim=-1).to(torch.bfloat16).contiguous()
-        module.cpu_packed = (packed, sz)
-        # the CPU layout replaces the stored nibbles (same size): holding both would double the weight memory
-        module.qweight = torch.empty(0, dtype=torch.uint8, device=stored.device)
-    packed, sz = module.cpu_packed
-    g = module.group_size
+def _int4_cpu_packed(module: Int4Weight):
+    """The stored nibbles in ``_convert_weight_to_int4pack_for_cpu``'s layout + bf16 scales-and-zeros."""
+    # row blocks (multiples of 64: the layout is local to its blocks of rows, checked in tests): the int32 input the
+    # op wants is 8x the packed size, too much to build at once for lm_head
+    stored = module.qweight
+    packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        unpack_int4(stored[i:i + 1024]).to(torch.int32), 1) for i in range(0, stored.shape[0], 1024)])
+    sz = torch.stack((module.scales.t(), module.zeros.t()), dim=-1).to(torch.bfloat16).contiguous()
+    return packed, sz
 
+
+def _int4_aten_kernel(packed, sz, g):
     def kernel(x2, bias):  # (dequantising int4 into bf16 for prefill did not pay here: 80 ms for 18944 x 3584)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, g, sz)
         y = y.to(x2.dtype)
         return y if bias is None else y + bias.to(x2.dtype)
     return kernel
+
+
+def _int4_cpu(module: Int4Weight):
+    if module.cpu_packed is None:
+        module.cpu_packed = _int4_cpu_packed(module)
+        # the CPU layout replaces the stored nibbles (same size): holding both would double the weight memory
+        module.qweight = torch.empty(0, dtype=torch.uint8, device=module.qweight.device)
+    return _int4_aten_kernel(*module.cpu_packed, module.group_size)
 
 
 def _cpu_int4_nibbles(packed: torch.Tensor, out_features: int, in_features: int, out=None) -> torch.Tensor:
@@ -403,10 +436,89 @@ def _unpack_cpu_int4(module: Int4Weight, rows: int = 1024) -> torch.Tensor:
     return out
 
 
-def bind_cpu(module: QuantizedWeight) -> None:
-    if isinstance(module, Int8Weight) and module.in_features % INT8_CPU_WIDTH == 0:
+# the CPU kernels a quantised weight can take: "aten" (torch's int8/int4 ops, bf16 activations) or "mlas" (ONNX
+# Runtime's MatMulNBits, kernels/mlas.py); "auto" measures both per shape, once per process (QUANT_KERNEL_TIMES)
+QUANT_KERNEL_POLICIES = ("auto", "aten", "mlas")
+_QUANT_KERNEL_CHOICE: dict[tuple, str] = {}
+QUANT_KERNEL_TIMES: dict[tuple, dict] = {}
+
+
+def _aten_usable(module: QuantizedWeight) -> bool:
+    if isinstance(module, Int8Weight):
+        return module.in_features % INT8_CPU_WIDTH == 0
+    return isinstance(module, Int4Weight) and module.out_features % 16 == 0  # the CPU int4 layout's rule
+
+
+def _mlas_block(module: QuantizedWeight) -> int | None:
+    """The MatMulNBits block for this weight, or None where MLAS has no exact form of it (int4 with a float zero
+    point, widths no block divides) or onnxruntime is not usable."""
+    from moevl.kernels import mlas
+
+    if module.qweight.numel() == 0 or module.device.type != "cpu":
+        return None
+    if isinstance(module, Int8Weight):
+        block = mlas.block_for(module.in_features)
+    elif isinstance(module, Int4Weight) and not bool(module.zeros.any()):  # symmetric only
+        block = mlas.block_for(module.in_features, module.group_size)
+    else:
+        return None
+    return block if block is not None and mlas.available() else None
+
+
+def _mlas_op(module: QuantizedWeight, block: int):
+    from moevl.kernels import mlas
+
+    if isinstance(module, Int8Weight):
+        return mlas.MatMulNBits(*mlas.int8_operands(module.qweight, module.scales, block), 8, block)
+    return mlas.MatMulNBits(*mlas.int4_operands(module.qweight, module.scales), 4, block)
+
+
+def _bind_mlas(module: QuantizedWeight, op) -> None:
+    module.mlas = op
+    module.qweight = torch.empty(0, dtype=module.qweight.dtype)  # ONNX Runtime holds the only copy now
+    module.bind(op.linear, f"onnxruntime MatMulNBits (MLAS, {op.bits}-bit, int8 activations per {op.block})")
+
+
+def measure_quant_kernel(module: QuantizedWeight, op, repeats: int = 5) -> str:
+    """"mlas" when the MatMulNBits session ``op`` computes this weight's one-row product faster than the ATen kernel
+    (interleaved, best of ``repeats`` each), else "aten"; measured once per shape and form per process."""
+    key = (module.mode, *module.shape, getattr(module, "group_size", None), torch.get_num_threads())
+    if key not in _QUANT_KERNEL_CHOICE:
+        if isinstance(module, Int8Weight):
+            aten = _int8_cpu(module)
+        else:
+            aten = _int4_aten_kernel(*_int4_cpu_packed(module), module.group_size)
+        x = torch.randn(1, module.in_features, dtype=module.compute_dtype)
+        best = {"aten": float("inf"), "mlas": float("inf")}
+        for _ in range(2):
+            best["aten"] = min(best["aten"], time_gemv(lambda v: aten(v, None), x, repeats))
+            best["mlas"] = min(best["mlas"], time_gemv(lambda v: op.linear(v, None), x, repeats))
+        del aten
+        _QUANT_KERNEL_CHOICE[key] = "mlas" if best["mlas"] < best["aten"] else "aten"
+        QUANT_KERNEL_TIMES[key] = {f"{k}_s": v for k, v in best.items()}
+    return _QUANT_KERNEL_CHOICE[key]
+
+
+def bind_cpu(module: QuantizedWeight, policy: str = "auto") -> None:
+    """A quantised weight's CPU kernel, by ``policy``: "aten", "mlas" (where MLAS has an exact form of the weight,
+    else ATen) or "auto": MLAS where it measured faster for this shape, for weights of at least MIN_PACKED elements
+    (smaller ones take ATen: their product is not bandwidth-bound, and the choice would depend on the machine's
+    noise)."""
+    if policy not in QUANT_KERNEL_POLICIES:
+        raise ValueError(f"unknown CPU quantised-kernel policy {policy!r}; use one of "
+                         f"{', '.join(QUANT_KERNEL_POLICIES)}")
+    block = None
+    if policy == "mlas" or (policy == "auto" and module.out_features * module.in_features >= MIN_PACKED):
+        block = _mlas_block(module)
+    if block is not None:
+        op = _mlas_op(module, block)
+        if policy == "mlas" or not _aten_usable(module) or measure_quant_kernel(module, op) == "mlas":
+            _bind_mlas(module, op)
+            return
+        del op
+    if isinstance(module, Int8Weight) and _aten_usable(module):
         module.bind(_int8_cpu(module), "aten._weight_int8pack_mm (bf16 activations)")
-    elif isinstance(module, Int4Weight) and module.out_features % 16 == 0:  # the CPU int4 layout's rule
+    elif isinstance(module, Int4Weight) and _aten_usable(module):
         module.bind(_int4_cpu(module), "aten._weight_int4pack_mm_for_cpu (bf16 activations)")
     else:
         bind_dequantize(module)

@@ -15,6 +15,38 @@ from __future__ import annotations
 # not (see ascend/__init__.py).
 import moevl.ascend  # noqa: F401  isort: skip
 
+
+def _import_pypi_kernels() -> None:
+    """PyPI's ``kernels`` (Hugging Face's hub kernels, a dependency of transformers 5.x) and this repository's
+    top-level ``kernels/`` folder (installed as ``moevl.kernels``) share a name. Where Python runs from the
+    repository's root (``python -m pytest``, ``python -m moevl.benchmarks...``) the folder comes first on sys.path,
+    and transformers' ``from kernels import ...`` then fails deep inside its imports. Importing the real package
+    once, with the root off the path, puts it in sys.modules for everyone (the kit itself only imports
+    ``moevl.kernels``)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "kernels" in sys.modules:
+        return
+    spec, ours = importlib.util.find_spec("kernels"), importlib.util.find_spec("moevl.kernels")
+    if spec is None or spec.origin is None or ours is None or ours.origin is None:
+        return
+    if Path(spec.origin).resolve() != Path(ours.origin).resolve():  # not shadowed: nothing to do
+        return
+    root = Path(ours.origin).resolve().parent.parent
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    try:
+        import kernels  # noqa: F401  (PyPI's, when installed)
+    except ImportError:  # not installed: transformers does not look for it either
+        sys.modules.pop("kernels", None)
+    finally:
+        sys.path[:] = saved
+
+
+_import_pypi_kernels()
+
 BACKENDS = ("torch", "ort", "om")
 
 
