@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import os
 import sys
 import tempfile
 import time
@@ -29,6 +30,11 @@ VARIANTS = {
     "torch bf16": ("torch", "cpu", "bf16", {}),
     "torch bf16 int8": ("torch", "cpu", "bf16", {"quantize": "int8"}),  # weight-only (kernels/quant.py)
     "torch bf16 int4": ("torch", "cpu", "bf16", {"quantize": "int4"}),
+    # the same weights through ONNX Runtime's MatMulNBits (kernels/mlas.py; int8 activations per block): what
+    # auto picks for large weights where it measures faster (the tiny defaults' weights are below that size)
+    "torch bf16 int8 mlas": ("torch", "cpu", "bf16", {"quantize": "int8", "kernel": "mlas"}),
+    "torch bf16 int4 symmetric mlas": ("torch", "cpu", "bf16", {"quantize": "int4", "symmetric": True,
+                                                                  "kernel": "mlas"}),
     "npu-emulated:910B bf16": ("torch", "npu-emulated:910B", "bf16", {}),
     "npu-emulated:310P fp16": ("torch", "npu-emulated:310P", "fp16", {}),
     "ort fp32": ("ort", "cpu", None, {}),
@@ -56,7 +62,10 @@ def _family(model: str):
 
 def applies(variant: str, family) -> bool:
     """A variant applies to a family that takes its load options (the Gumbel mode: MoE-LLaVA's moe_routing)."""
-    return all(k in family.options for k in VARIANTS[variant][3] if k != "quantize")
+    return all(k in family.options for k in VARIANTS[variant][3] if k not in LOAD_EXTRAS)
+
+
+LOAD_EXTRAS = ("quantize", "kernel", "symmetric")  # handled here or by moevl.load itself for every family
 
 
 def _load(model: str, variant: str, onnx_dir: Path | None):
@@ -65,7 +74,29 @@ def _load(model: str, variant: str, onnx_dir: Path | None):
     backend, device, dtype, options = VARIANTS[variant]
     if backend == "ort":
         return moevl.load(onnx_dir, backend="ort", **options)
-    return moevl.load(model, device=device, dtype=dtype, **options)
+    options = dict(options)
+    kernel, symmetric = options.pop("kernel", None), options.pop("symmetric", False)
+    if symmetric:  # int4 without a zero point: quantised here, then placed (bound) again
+        from moevl.kernels import quant
+
+        mode = options.pop("quantize")
+        session = moevl.load(model, device=device, dtype=dtype, **options)
+        quant.quantize_model(session.model, mode, zero_point=False)
+    else:
+        session = None
+    previous = os.environ.get("MOEVL_CPU_QUANT_KERNEL")
+    if kernel:
+        os.environ["MOEVL_CPU_QUANT_KERNEL"] = kernel
+    try:
+        if session is None:
+            return moevl.load(model, device=device, dtype=dtype, **options)
+        moevl.place(session.model, session.device)
+        return session
+    finally:
+        if previous is None:
+            os.environ.pop("MOEVL_CPU_QUANT_KERNEL", None)
+        else:
+            os.environ["MOEVL_CPU_QUANT_KERNEL"] = previous
 
 
 def _summary(report: dict) -> dict:

@@ -37,12 +37,17 @@ from moevl.benchmarks.common import (RESULTS, NoProcessor, cpu_flags, environmen
                                     read_bandwidth_gbs, write_results)
 from moevl.kernels import quant
 
-VARIANTS = (  # name, compute dtype, quantize ("ours fp32 (oneDNN)" is the fp32 model with packed weights swapped in)
-    ("ours fp32", "fp32", None),
-    ("ours fp32 (oneDNN)", "fp32", None),
-    ("ours bf16", "bf16", None),
-    ("ours int8 (bf16)", "bf16", "int8"),
-    ("ours int4 (bf16)", "bf16", "int4"),
+# name, compute dtype, quantize, options ("ours fp32 (oneDNN)" is the fp32 model with packed weights swapped in;
+# options: "kernel" the CPU quantised-kernel policy (kernels/quant.py bind_cpu: auto measures ATen vs MLAS per shape),
+# "zero_point" int4's form)
+VARIANTS = (
+    ("ours fp32", "fp32", None, {}),
+    ("ours fp32 (oneDNN)", "fp32", None, {}),
+    ("ours bf16", "bf16", None, {}),
+    ("ours int8 (bf16)", "bf16", "int8", {"kernel": "auto"}),
+    ("ours int8 (bf16, ATen only)", "bf16", "int8", {"kernel": "aten"}),
+    ("ours int4 (bf16)", "bf16", "int4", {"kernel": "auto", "zero_point": True}),
+    ("ours int4 symmetric (bf16)", "bf16", "int4", {"kernel": "auto", "zero_point": False}),
 )
 BASELINE = "transformers fp32"
 
@@ -231,19 +236,25 @@ def kernel_table(shapes, repeats: int = 10) -> list[dict]:
         forms = {"bf16 F.linear": (lambda v: torch.nn.functional.linear(v, w), w.numel() * 2)}
         packed = quant.OnednnWeight(w)
         forms["bf16 oneDNN"] = (lambda v: packed.run(v, None), w.numel() * 2)
-        i8 = quant.Int8Weight.from_float(w)
-        quant.bind_cpu(i8)
-        forms["int8"] = (lambda v: i8.run(v, None), i8.nbytes())
-        i4 = None
-        if in_f % quant.GROUP_SIZE == 0:
-            i4 = quant.Int4Weight.from_float(w)
-            quant.bind_cpu(i4)
-            forms["int4"] = (lambda v: i4.run(v, None), i4.nbytes())
+        mods = []  # ATen's kernels, then ONNX Runtime's MatMulNBits (MLAS) where usable
+        for policy, label in (("aten", ""), ("mlas", " MLAS")):
+            i8 = quant.Int8Weight.from_float(w)
+            quant.bind_cpu(i8, policy=policy)
+            if policy == "aten" or i8.mlas is not None:
+                forms["int8" + label] = (lambda v, m=i8: m.run(v, None), i8.nbytes())
+                mods.append(i8)
+            if in_f % quant.GROUP_SIZE == 0:
+                i4 = quant.Int4Weight.from_float(w, zero_point=policy == "aten")  # MLAS: the symmetric form
+                quant.bind_cpu(i4, policy=policy)
+                if policy == "aten" or i4.mlas is not None:
+                    forms["int4" + (label + " symmetric" if label else "")] = (lambda v, m=i4: m.run(v, None),
+                                                                               i4.nbytes())
+                    mods.append(i4)
         for name, (fn, nbytes) in forms.items():
             t = best(fn, x)
             rows.append({"shape": [out_f, in_f], "form": name, "ms": 1000 * t, "bytes": nbytes,
                          "gbs": nbytes / t / 1e9})
-        del w, packed, i8, i4
+        del w, packed, mods, forms
         gc.collect()
     return rows
 
@@ -491,16 +502,18 @@ def main(argv=None) -> int:
     for phase in phases:
         active = dict(sessions)
         if phase is not None:
-            name, dtype, mode = phase
+            name, dtype, mode, options = phase
             bar.set_postfix_str(f"building {name}")
             t0 = time.perf_counter()
             dev = resolve_device("cpu", dtype)
             model = clone_in(ours, dev.dtype)
             if mode is not None:
-                quant.quantize_model(model, mode)
-            if mode == "int4" and not args.no_rss_check:  # saved in the stored form, before the CPU layout
+                quant.quantize_model(model, mode, zero_point=options.get("zero_point", True))
+            if mode == "int4" and rss is None and not args.no_rss_check:  # the stored form, before the CPU layout
                 rss = load_rss_check(model, Path(rss_dir.name))
+            os.environ["MOEVL_CPU_QUANT_KERNEL"] = options.get("kernel", "auto")
             moevl.place(model, dev)
+            os.environ.pop("MOEVL_CPU_QUANT_KERNEL", None)
             gc.collect()
             active[name] = AwakerSession(model, NoProcessor(), dev)
             build_s[name] = time.perf_counter() - t0
@@ -618,6 +631,17 @@ def main(argv=None) -> int:
            "the fastest kept only when > 5% faster than MKL; OpenBLAS: fp32 only):", "",
            "| weight [out x in] | dtype | MKL F.linear | oneDNN packed | OpenBLAS sgemv | chosen |",
            "|---|---|---|---|---|---|"] + layout_rows
+    payload["quant_kernel_timings"] = [
+        {"mode": k[0], "out": k[1], "in": k[2], "group": k[3], **v, "chosen": quant._QUANT_KERNEL_CHOICE[k]}
+        for k, v in quant.QUANT_KERNEL_TIMES.items()]
+    if payload["quant_kernel_timings"]:
+        md += ["", "CPU kernel per quantised shape, measured at load (`kernels.quant.bind_cpu`, policy auto: one-row "
+               "product, best of 5, interleaved): ATen's op (bf16 activations) or ONNX Runtime's MatMulNBits (MLAS, "
+               "int8 activations per block):", "", "| form | weight [out x in] | ATen ms | MLAS ms | chosen |",
+               "|---|---|---|---|---|"]
+        md += [f"| {r['mode']}{' g' + str(r['group']) if r['group'] else ''} | {r['out']} x {r['in']} | "
+               f"{1000 * r['aten_s']:.2f} | {1000 * r['mlas_s']:.2f} | {r['chosen']} |"
+               for r in payload["quant_kernel_timings"]]
     if kernels_rows:
         forms = list(dict.fromkeys(r["form"] for r in kernels_rows))
         md += ["", "Decode GEMV per weight shape and form (random weights, best of 10, ms and GB/s of the bytes the "
