@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -92,6 +93,7 @@ def environment(device) -> dict:
             "command": _command(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "machine": platform.machine(), "device": device.describe(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP's default)"),
             "npu_note": "no NPU figures: nothing here ran on an Ascend NPU"}
 
 

@@ -216,6 +216,29 @@ def render(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_into(payload: dict, old_json: Path) -> None:
+    """``payload`` gains the variants of an earlier report that it did not run (same data, seed and record count:
+    else ValueError); the variants it ran replace the earlier ones. The command lines of both are kept."""
+    if not old_json.is_file():
+        raise ValueError(f"{old_json} does not exist: run without --merge first")
+    old = json.loads(old_json.read_text())
+    for key in ("data", "data_seed", "n"):
+        if old.get(key) != payload.get(key):
+            raise ValueError(f"{old_json} was measured on other data ({key} {old.get(key)!r}, now "
+                             f"{payload.get(key)!r}): run the same --limit / --data, or without --merge")
+    for model, m in payload["models"].items():
+        earlier = old.get("models", {}).get(model)
+        if earlier is None:
+            continue
+        m["variants"] = {**{k: v for k, v in earlier["variants"].items() if k not in m["variants"]},
+                         **m["variants"]}
+        m["not_run"] = {k: v for k, v in {**earlier.get("not_run", {}), **m["not_run"]}.items()
+                        if k not in m["variants"]}
+    for model, m in old.get("models", {}).items():
+        payload["models"].setdefault(model, m)
+    payload["command"] = f"{old['command']}; then {payload['command']}"
+
+
 def main(argv=None) -> int:
     from moevl.ascend.device import resolve_device
     from moevl.benchmarks.common import RESULTS, environment, progress
@@ -230,6 +253,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 8 tokens")
     ap.add_argument("--note", default=None, help="a line for the top of the markdown (e.g. 'random weights')")
     ap.add_argument("--out", default=str(RESULTS), help="folder for quality-cpu.json/.md")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other variants of the quality-cpu.json already in --out (same data and record "
+                         "count) and add or replace the ones run now")
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -276,6 +302,12 @@ def main(argv=None) -> int:
                "models": models}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        try:
+            merge_into(payload, out / "quality-cpu.json")
+        except ValueError as e:
+            print(f"quality: error: --merge: {e}", file=sys.stderr)
+            return 2
     (out / "quality-cpu.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
     (out / "quality-cpu.md").write_text(render(payload))
     log(f"wrote {out / 'quality-cpu.json'} and {out / 'quality-cpu.md'}")

@@ -598,7 +598,9 @@ def main(argv=None) -> int:
     cmd = f"python -m moevl.benchmarks.quant {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
     md = [f"# Decode per precision at 7B width ({args.layers} layers): {cpu}", "",
           f"Command: `{cmd}`  ", f"CPU flags: {', '.join(flags) or 'unknown'}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; read bandwidth (sum of 1 GiB) {bw['sum']:.1f} GB/s, fp32 GEMV "
+          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')} (moevl "
+          "sets PASSIVE at import; the baseline runs in the same process, under the same policy); read bandwidth "
+          f"(sum of 1 GiB) {bw['sum']:.1f} GB/s, fp32 GEMV "
           f"{bw['gemv']:.1f} GB/s, measured in this run. Variants built one at a time beside ours fp32; with each, "
           f"{args.rounds} rounds of transformers fp32, ours fp32 and that variant in turn (baseline and ours fp32: "
           f"medians over every round); ratios are per round against that round's baseline, then the median. "

@@ -27,8 +27,11 @@ def measure(preset: str, data: Path, batch: int, repeats: int) -> dict:
     import moevl
     from moevl.train.examples import TowerCache, loss_of, make_batch, read_records, tower_prefixes
 
+    from moevl.train.recipe import training_kernels
+
     s = moevl.load(preset, device="cpu", dtype="fp32")
     m = s.model
+    m.set_kernels(training_kernels())  # as the training loop (train/recipe.py)
     m.train()  # as the training loop (MoE layers keep their routing for the load-balancing loss)
     for n, p in m.named_parameters():
         p.requires_grad_(not n.startswith(tower_prefixes(m)))
@@ -58,6 +61,22 @@ def measure(preset: str, data: Path, batch: int, repeats: int) -> dict:
             fn(keys)
             times[name].append(time.perf_counter() - t0)
             m.zero_grad(set_to_none=True)
+    if hasattr(m, "route"):  # Awaker's LoRA-MoE linears (stages 2, 3): the reference's loop vs the batched op
+        import dataclasses
+
+        from moevl.kernels import reference
+
+        batched = training_kernels()
+        looped = dataclasses.replace(batched, lora_moe_linear=reference.lora_moe_linear)
+        times["cache, LoRA-MoE loop"] = []
+        for r in range(repeats):
+            keys = slices[r % len(slices)]
+            for name, kernels in (("cache, LoRA-MoE loop", looped), ("cache", batched)):
+                m.set_kernels(kernels)
+                t0 = time.perf_counter()
+                cached(keys)
+                times[name].append(time.perf_counter() - t0)
+                m.zero_grad(set_to_none=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"preset": preset, "family": s.family, "batch": batch, "repeats": repeats,
             "seconds": {k: round(v, 4) for k, v in med.items()},
@@ -89,11 +108,17 @@ def main(argv=None) -> int:
           f"a batch of {args.batch} shapes records (the vision tower frozen, everything else trainable, as the "
           "defaults build's question stages), medians of "
           f"{args.repeats} repeats, the two variants interleaved in each. `make_batch`: decode, the processor and "
-          "the tower every step (the first epoch, or no cache); `cache`: a warm `TowerCache` (every later epoch).",
-          "", "| model | make_batch (s) | cache (s) | speed-up | cached bytes per record |", "|---|---|---|---|---|"]
+          "the tower every step (the first epoch, or no cache); `cache`: a warm `TowerCache` (every later epoch). "
+          "The training kernels (`train.recipe.training_kernels`); for awaker-tiny (its LoRA-MoE linears: stages 2 "
+          "and 3) also the cached step with the reference's per-request loop in place of the batched LoRA-MoE "
+          "linear, interleaved with the cached step in each repeat.",
+          "", "| model | make_batch (s) | cache (s) | speed-up | cache, LoRA-MoE loop (s) | cached bytes per record |",
+          "|---|---|---|---|---|---|"]
     for r in rows:
+        loop = r["seconds"].get("cache, LoRA-MoE loop")
         md.append(f"| {r['preset']} | {r['seconds']['make_batch']:.3f} | {r['seconds']['cache']:.3f} | "
-                  f"{r['speedup']:.2f}x | {r['cache_bytes_per_record']:,} |")
+                  f"{r['speedup']:.2f}x | {'-' if loop is None else f'{loop:.3f}'} | "
+                  f"{r['cache_bytes_per_record']:,} |")
     write_results("train-step", resolve_device("cpu"), {"environment": env, "rows": rows}, "\n".join(md) + "\n",
                   Path(args.out))
     print("\n".join(md))

@@ -177,6 +177,30 @@ def lora_moe_linear(x, weight, bias, plan):
     return _apply_stacked(x, weight, bias, plan)
 
 
+def lora_moe_linear_autograd(x, weight, bias, plan):
+    """The reference's ``lora_moe_linear`` (a loop over requests, the original's semantics) as batched products that
+    autograd differentiates, for training: each request's task expert gathered ([B, r, in] / [B, out, r]: gather's
+    backward adds the gradients into the right experts), the global expert one product over every row, the expert
+    branch in fp32 and added to the base output as the reference does; a request whose task expert is the global
+    one counts it once. ``plan``: the reference's LoraPlan (lora_A [X, r, in], lora_B [X, out, r], expert [B],
+    scales [B, 2]). Tested against the reference's values and gradients (tests/test_kernels.py)."""
+    y = linear(x, weight, bias)
+    if plan is None:
+        return y
+    if not isinstance(plan, reference.LoraPlan):
+        raise TypeError("lora_moe_linear_autograd takes the reference's LoraPlan (training kernels)")
+    A, B, expert, scales = plan
+    g = A.shape[0] - 1
+    xf = x.float()
+    s_task = scales[:, 0].float()
+    h = torch.bmm(xf, A[expert].float().transpose(1, 2))  # [B, T, r]
+    delta = torch.bmm(h, B[expert].float().transpose(1, 2)) * s_task[:, None, None]
+    if g > 0:  # experts + a global one (one expert alone is a plain LoRA: counted once)
+        s_glob = torch.where(expert == g, torch.zeros_like(s_task), scales[:, 1].float())
+        delta = delta + (xf @ A[g].float().t() @ B[g].float().t()) * s_glob[:, None, None]
+    return (y.float() + delta).to(y.dtype)
+
+
 # Throughput figures the cost model uses when the caller has none (order of magnitude for a 2-core CPU, fp32;
 # benchmarks/kernels.py measures the real ones and reports the measured break-even).
 DEFAULT_READ_BW = 20e9  # bytes/s a GEMV actually streams

@@ -252,6 +252,24 @@ def test_the_quality_report_runs_its_variants_and_names_what_it_did_not_run(tmp_
     assert "| count/en |" in md and "| routing decisions changed vs torch fp32" in md
 
 
+def test_the_quality_report_merges_new_variants_into_an_earlier_one_on_the_same_data(tmp_path):
+    from moevl.benchmarks.quality import main
+
+    common = ["--models", "awaker-tiny", "--limit", "2", "--max-new-tokens", "2", "--out", str(tmp_path)]
+    assert main(common + ["--variants", "torch fp32,torch bf16"]) == 0
+    assert main(common + ["--variants", "torch fp32,torch bf16 int8 mlas", "--merge"]) == 0
+    payload = json.loads((tmp_path / "quality-cpu.json").read_text())
+    variants = payload["models"]["awaker-tiny"]["variants"]
+    assert set(variants) == {"torch fp32", "torch bf16", "torch bf16 int8 mlas"}
+    assert "--merge" in payload["command"] and payload["command"].count("moevl.benchmarks.quality") == 2
+    assert "| torch bf16 int8 mlas |" in (tmp_path / "quality-cpu.md").read_text()
+    # other data: refused with one line and exit status 2, the earlier report kept
+    before = (tmp_path / "quality-cpu.json").read_text()
+    assert main(["--models", "awaker-tiny", "--limit", "3", "--max-new-tokens", "2", "--out", str(tmp_path),
+                 "--variants", "torch fp32", "--merge"]) == 2
+    assert (tmp_path / "quality-cpu.json").read_text() == before
+
+
 def test_routing_changes_counts_question_router_pairs_that_differ():
     from moevl.benchmarks.quality import routing_changes
 

@@ -54,6 +54,27 @@ def test_lora_moe_linear_matches_reference(batch, t, d_in, d_out, rank, experts,
     close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,t,d_in,d_out,rank,experts", GRID)
+def test_the_training_lora_moe_linear_matches_the_reference_in_values_and_gradients(batch, t, d_in, d_out, rank,
+                                                                                     experts, dtype):
+    x, W, bias, A, B, expert, scales = lora_case(batch, t, d_in, d_out, rank, experts, dtype, seed=batch)
+    if experts > 1 and batch > 1:
+        expert[-1] = experts - 1  # one request whose task expert is the global one: counted once
+    grads = []
+    for fn in (reference.lora_moe_linear, cpu.lora_moe_linear_autograd):
+        leaves = [v.detach().clone().requires_grad_() for v in (x, A, B)]
+        out = fn(leaves[0], W, bias, reference.lora_moe_prepare(leaves[1], leaves[2], expert, scales))
+        torch.manual_seed(1)
+        (out.float() * torch.randn(out.shape)).sum().backward()
+        grads.append((out, [v.grad for v in leaves]))
+    (ref, ref_grads), (out, out_grads) = grads
+    assert out.shape == ref.shape and out.dtype == dtype
+    close(out, ref, dtype)
+    for got, want in zip(out_grads, ref_grads):
+        close(got, want, dtype)
+
+
 def test_lora_moe_plan_is_reused_across_steps_without_changing():
     x, W, bias, A, B, expert, scales = lora_case(2, 1, 37, 53, 4, 5, torch.float32)
     ops = get_kernels("cpu")

@@ -150,14 +150,16 @@ def _need(ok: bool, message: str) -> None:
 
 
 def training_kernels():
-    """The reference ops, with the CPU set's SDPA attention, fused RMSNorm and matmul patch embedding (each tested
-    against the reference, and differentiable; the other fast variants are inference-only: in-place or gathered)."""
+    """The reference ops, with the CPU set's SDPA attention, fused RMSNorm, matmul patch embedding and the batched
+    LoRA-MoE linear (each tested against the reference, values and gradients; the other fast variants are
+    inference-only: in-place). The reference's LoRA-MoE linear loops over the requests of a batch: at batch 64 it
+    made Awaker's stages 2 and 3 2-4x slower per step than stage 1."""
     import dataclasses as dc
 
     from moevl.kernels import cpu, get_kernels
 
     return dc.replace(get_kernels("reference"), name="training", attention=cpu.attention, rms_norm=cpu.rms_norm,
-                      patch_embed=cpu.patch_embed)
+                      patch_embed=cpu.patch_embed, lora_moe_linear=cpu.lora_moe_linear_autograd)
 
 
 def save_model(family: str, model, processor, out: Path, force: bool, extras: dict) -> Path:
