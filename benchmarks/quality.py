@@ -230,7 +230,7 @@ def merge_into(payload: dict, old_json: Path) -> None:
         earlier = old.get("models", {}).get(model)
         if earlier is None:
             continue
-        m["variants"] = {**{k: v for k, v in earlier["variants"].items() if k not in m["variants"]},
+        m["variants"] = {**{k: m["variants"].get(k, v) for k, v in earlier["variants"].items()},  # in place
                          **m["variants"]}
         m["not_run"] = {k: v for k, v in {**earlier.get("not_run", {}), **m["not_run"]}.items()
                         if k not in m["variants"]}
