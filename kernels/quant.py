@@ -475,7 +475,8 @@ def _mlas_op(module: QuantizedWeight, block: int):
 
 def _bind_mlas(module: QuantizedWeight, op) -> None:
     module.mlas = op
-    module.qweight = torch.empty(0, dtype=module.qweight.dtype)  # ONNX Runtime holds the only copy now
+    if module.qweight.numel():
+        module.qweight = torch.empty(0, dtype=module.qweight.dtype)  # ONNX Runtime holds the only copy now
     module.bind(op.linear, f"onnxruntime MatMulNBits (MLAS, {op.bits}-bit, int8 activations per {op.block})")
 
 
@@ -507,6 +508,11 @@ def bind_cpu(module: QuantizedWeight, policy: str = "auto") -> None:
     if policy not in QUANT_KERNEL_POLICIES:
         raise ValueError(f"unknown CPU quantised-kernel policy {policy!r}; use one of "
                          f"{', '.join(QUANT_KERNEL_POLICIES)}")
+    if module.mlas is not None:  # bound before (a model placed again): keep the session, or leave it for ATen
+        if policy != "aten":
+            _bind_mlas(module, module.mlas)
+            return
+        _unbind_mlas(module)
     block = None
     if policy == "mlas" or (policy == "auto" and module.out_features * module.in_features >= MIN_PACKED):
         block = _mlas_block(module)
@@ -524,8 +530,17 @@ def bind_cpu(module: QuantizedWeight, policy: str = "auto") -> None:
         bind_dequantize(module)
 
 
+def _unbind_mlas(module: QuantizedWeight) -> None:
+    """The stored values back from ONNX Runtime's session into ``qweight`` (the session is dropped)."""
+    stored = module.stored_qweight()
+    module.mlas = None
+    module.qweight = stored.to(module.scales.device)
+
+
 def bind_dequantize(module: QuantizedWeight) -> None:
     """CUDA (not verified on a GPU here): dequantise to the activations' dtype, then the dense matmul."""
+    if module.mlas is not None:
+        _unbind_mlas(module)
     module.bind(module.reference, "dequantise + matmul")
 
 

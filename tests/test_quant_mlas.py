@@ -61,6 +61,22 @@ def test_the_stored_values_come_back_exactly_from_the_session(mode):
     assert torch.equal(m.state_dict()["qweight"], stored)
 
 
+@pytest.mark.parametrize("again", ["auto", "aten", "dequantize"])
+def test_a_weight_bound_again_keeps_its_values(again):
+    """A model placed a second time (or on another backend) rebinds weights whose values live in the session."""
+    m = quant.Int8Weight.from_float(torch.randn(64, 256), dtype=torch.bfloat16)
+    expected_w = _written_out(m)
+    quant.bind_cpu(m, policy="mlas")
+    if again == "dequantize":
+        quant.bind_dequantize(m)
+        assert m.mlas is None and m.kernel_name == "dequantise + matmul"
+    else:
+        quant.bind_cpu(m, policy=again)
+        assert (m.mlas is None) == (again == "aten")
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    assert rel_err(m(x), F.linear(x.float(), expected_w)) < 1.5e-2
+
+
 def test_int4_with_a_float_zero_point_keeps_the_aten_kernel():
     """MatMulNBits has no exact form of gpt-fast's float zero points: such weights must not be bound to it."""
     m = quant.Int4Weight.from_float(torch.randn(64, 256), group_size=64, zero_point=True)
