@@ -40,6 +40,7 @@ def _import_pypi_kernels() -> None:
     and transformers' ``from kernels import ...`` then fails deep inside its imports. Importing the real package
     once, with the root off the path, puts it in sys.modules for everyone (the kit itself only imports
     ``moevl.kernels``)."""
+    import importlib
     import importlib.util
     import sys
     from pathlib import Path
@@ -55,7 +56,7 @@ def _import_pypi_kernels() -> None:
     saved = sys.path[:]
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
     try:
-        import kernels  # noqa: F401  (PyPI's, when installed)
+        importlib.import_module("kernels")  # PyPI's, when installed (by name: the kit itself never imports "kernels")
     except ImportError:  # not installed: transformers does not look for it either
         sys.modules.pop("kernels", None)
     finally:

@@ -56,8 +56,13 @@ def test_the_installed_distribution_has_one_top_level_name():
 
 
 def test_generic_names_are_not_importable_outside_the_checkout(tmp_path):
+    """Outside the checkout no generic name resolves to the kit's folders (another distribution may own the name:
+    PyPI's ``kernels``, a transformers dependency, is no part of the kit)."""
     code = ("import importlib.util as u, moevl.model.awaker.network, moevl.export.session\n"
-            f"print([n for n in {GENERIC!r} if u.find_spec(n) is not None])")
+            "from pathlib import Path\n"
+            "ours = {n: Path(u.find_spec('moevl.' + n).origin).resolve() for n in " + repr(GENERIC) + "}\n"
+            "print([n for n in ours if u.find_spec(n) is not None and u.find_spec(n).origin is not None\n"
+            "       and Path(u.find_spec(n).origin).resolve() == ours[n]])")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
