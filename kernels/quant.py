@@ -480,10 +480,14 @@ def _bind_mlas(module: QuantizedWeight, op) -> None:
     module.bind(op.linear, f"onnxruntime MatMulNBits (MLAS, {op.bits}-bit, int8 activations per {op.block})")
 
 
+def _quant_kernel_key(module: QuantizedWeight) -> tuple:
+    return (module.mode, *module.shape, getattr(module, "group_size", None), torch.get_num_threads())
+
+
 def measure_quant_kernel(module: QuantizedWeight, op, repeats: int = 5) -> str:
     """"mlas" when the MatMulNBits session ``op`` computes this weight's one-row product faster than the ATen kernel
     (interleaved, best of ``repeats`` each), else "aten"; measured once per shape and form per process."""
-    key = (module.mode, *module.shape, getattr(module, "group_size", None), torch.get_num_threads())
+    key = _quant_kernel_key(module)
     if key not in _QUANT_KERNEL_CHOICE:
         if isinstance(module, Int8Weight):
             aten = _int8_cpu(module)
@@ -516,9 +520,10 @@ def bind_cpu(module: QuantizedWeight, policy: str = "auto") -> None:
     block = None
     if policy == "mlas" or (policy == "auto" and module.out_features * module.in_features >= MIN_PACKED):
         block = _mlas_block(module)
-    if block is not None:
-        op = _mlas_op(module, block)
-        if policy == "mlas" or not _aten_usable(module) or measure_quant_kernel(module, op) == "mlas":
+    forced = policy == "mlas" or not _aten_usable(module)
+    if block is not None and (forced or _QUANT_KERNEL_CHOICE.get(_quant_kernel_key(module)) != "aten"):
+        op = _mlas_op(module, block)  # (a shape already measured slower on MLAS builds no session)
+        if forced or measure_quant_kernel(module, op) == "mlas":
             _bind_mlas(module, op)
             return
         del op
