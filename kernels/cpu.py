@@ -279,14 +279,15 @@ def patch_embed(patches, weight):
 # ---------------------------------------------------------------------------------------------------------------
 
 def prepare_weights_cpu(model) -> None:
-    """Quantised weights run the kernel measured fastest for their shape here: the ATen CPU ops (bf16 activations)
-    or ONNX Runtime's MatMulNBits (MLAS; ``MOEVL_CPU_QUANT_KERNEL`` = auto | aten | mlas overrides); large dense
+    """Quantised weights run the ATen CPU ops (bf16 activations), or ONNX Runtime's MatMulNBits (MLAS) with
+    ``MOEVL_CPU_QUANT_KERNEL`` = fastest (where measured faster per shape) | mlas (kernels/quant.py: faster, at about
+    2.2x the weight's memory); large dense
     base weights take the layout measured fastest for their shape on this CPU (MKL plain, oneDNN packed or OpenBLAS
     one-row products; ``MOEVL_CPU_LAYOUT`` = auto | plain | onednn | openblas overrides)."""
     import functools
     import os
 
-    quant.bind_all(model, functools.partial(quant.bind_cpu, policy=os.environ.get("MOEVL_CPU_QUANT_KERNEL", "auto")))
+    quant.bind_all(model, functools.partial(quant.bind_cpu, policy=os.environ.get("MOEVL_CPU_QUANT_KERNEL", "aten")))
     quant.choose_dense_layouts(model, os.environ.get("MOEVL_CPU_LAYOUT", "auto"))
 
 

@@ -436,9 +436,12 @@ def _unpack_cpu_int4(module: Int4Weight, rows: int = 1024) -> torch.Tensor:
     return out
 
 
-# the CPU kernels a quantised weight can take: "aten" (torch's int8/int4 ops, bf16 activations) or "mlas" (ONNX
-# Runtime's MatMulNBits, kernels/mlas.py); "auto" measures both per shape, once per process (QUANT_KERNEL_TIMES)
-QUANT_KERNEL_POLICIES = ("auto", "aten", "mlas")
+# the CPU kernels a quantised weight can take: "aten" (torch's int8/int4 ops, bf16 activations; the default) or
+# "mlas" (ONNX Runtime's MatMulNBits, kernels/mlas.py: faster on the AMD EPYC, but ONNX Runtime held about 2.2x the
+# int8 bytes of each weight it took, measured with RSS: 1157 MB for a 545 MB int8 lm_head, so the model is no
+# longer "small"); "fastest" measures both per shape, once per process (QUANT_KERNEL_TIMES), and keeps MLAS where
+# it is faster. Chosen by MOEVL_CPU_QUANT_KERNEL (kernels/cpu.py).
+QUANT_KERNEL_POLICIES = ("aten", "fastest", "mlas")
 _QUANT_KERNEL_CHOICE: dict[tuple, str] = {}
 QUANT_KERNEL_TIMES: dict[tuple, dict] = {}
 
@@ -504,11 +507,11 @@ def measure_quant_kernel(module: QuantizedWeight, op, repeats: int = 5) -> str:
     return _QUANT_KERNEL_CHOICE[key]
 
 
-def bind_cpu(module: QuantizedWeight, policy: str = "auto") -> None:
+def bind_cpu(module: QuantizedWeight, policy: str = "aten") -> None:
     """A quantised weight's CPU kernel, by ``policy``: "aten", "mlas" (where MLAS has an exact form of the weight,
-    else ATen) or "auto": MLAS where it measured faster for this shape, for weights of at least MIN_PACKED elements
-    (smaller ones take ATen: their product is not bandwidth-bound, and the choice would depend on the machine's
-    noise)."""
+    else ATen) or "fastest": MLAS where it measured faster for this shape, for weights of at least MIN_PACKED
+    elements (smaller ones take ATen: their product is not bandwidth-bound, and the choice would depend on the
+    machine's noise)."""
     if policy not in QUANT_KERNEL_POLICIES:
         raise ValueError(f"unknown CPU quantised-kernel policy {policy!r}; use one of "
                          f"{', '.join(QUANT_KERNEL_POLICIES)}")
@@ -518,7 +521,7 @@ def bind_cpu(module: QuantizedWeight, policy: str = "auto") -> None:
             return
         _unbind_mlas(module)
     block = None
-    if policy == "mlas" or (policy == "auto" and module.out_features * module.in_features >= MIN_PACKED):
+    if policy == "mlas" or (policy == "fastest" and module.out_features * module.in_features >= MIN_PACKED):
         block = _mlas_block(module)
     forced = policy == "mlas" or not _aten_usable(module)
     if block is not None and (forced or _QUANT_KERNEL_CHOICE.get(_quant_kernel_key(module)) != "aten"):
