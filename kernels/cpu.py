@@ -287,7 +287,11 @@ def prepare_weights_cpu(model) -> None:
     import functools
     import os
 
-    quant.bind_all(model, functools.partial(quant.bind_cpu, policy=os.environ.get("MOEVL_CPU_QUANT_KERNEL", "aten")))
+    policy = os.environ.get("MOEVL_CPU_QUANT_KERNEL", "aten")
+    if policy not in quant.QUANT_KERNEL_POLICIES:
+        raise ValueError(f"MOEVL_CPU_QUANT_KERNEL={policy!r}: set it to one of "
+                         f"{', '.join(quant.QUANT_KERNEL_POLICIES)} (or unset it: aten)")
+    quant.bind_all(model, functools.partial(quant.bind_cpu, policy=policy))
     quant.choose_dense_layouts(model, os.environ.get("MOEVL_CPU_LAYOUT", "auto"))
 
 

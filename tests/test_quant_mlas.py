@@ -115,6 +115,20 @@ def test_an_unknown_policy_is_refused():
         quant.bind_cpu(quant.Int8Weight.from_float(torch.randn(16, 32)), policy="fast")
 
 
+def test_an_unknown_policy_in_the_environment_is_one_line_naming_the_variable(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MOEVL_CPU_QUANT_KERNEL="bogus")
+    out = subprocess.run([sys.executable, "-m", "moevl.cli", "run", "--model", "awaker-tiny-random", "--prompt", "x",
+                          "--quantize", "int8", "--max-new-tokens", "1"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MOEVL_CPU_QUANT_KERNEL='bogus'" in lines[0], out.stderr
+
+
 def test_recovering_from_identity_rows_is_exact_for_extreme_values():
     q = torch.tensor([[-127, 127, 0, 1] * 8, [5, -5, -128 + 1, 100] * 8], dtype=torch.int8).repeat(8, 1)
     s = torch.tensor([1e-6, 3.0] * 8)
