@@ -30,8 +30,8 @@ VARIANTS = {
     "torch bf16": ("torch", "cpu", "bf16", {}),
     "torch bf16 int8": ("torch", "cpu", "bf16", {"quantize": "int8"}),  # weight-only (kernels/quant.py)
     "torch bf16 int4": ("torch", "cpu", "bf16", {"quantize": "int4"}),
-    # the same weights through ONNX Runtime's MatMulNBits (kernels/mlas.py; int8 activations per block): what
-    # auto picks for large weights where it measures faster (the tiny defaults' weights are below that size)
+    # the same weights through ONNX Runtime's MatMulNBits (kernels/mlas.py; int8 activations per block), forced:
+    # MOEVL_CPU_QUANT_KERNEL=fastest takes it only for weights of >= 1M elements, and the tiny defaults' are smaller
     "torch bf16 int8 mlas": ("torch", "cpu", "bf16", {"quantize": "int8", "kernel": "mlas"}),
     "torch bf16 int4 symmetric mlas": ("torch", "cpu", "bf16", {"quantize": "int4", "symmetric": True,
                                                                   "kernel": "mlas"}),
