@@ -39,13 +39,15 @@ from moevl.kernels import quant
 
 # name, compute dtype, quantize, options ("ours fp32 (oneDNN)" is the fp32 model with packed weights swapped in;
 # options: "kernel" the CPU quantised-kernel policy (kernels/quant.py bind_cpu: "aten" the default, "fastest" ATen or
-# ONNX Runtime's MLAS per shape, whichever measured faster), "zero_point" int4's form)
+# ONNX Runtime's MLAS per shape, whichever measured faster, "fbgemm" torch's FBGEMM dynamic-quantised linear),
+# "zero_point" int4's form)
 VARIANTS = (
     ("ours fp32", "fp32", None, {}),
     ("ours fp32 (oneDNN)", "fp32", None, {}),
     ("ours bf16", "bf16", None, {}),
     ("ours int8 (bf16)", "bf16", "int8", {"kernel": "aten"}),
     ("ours int8 (bf16, MLAS where faster)", "bf16", "int8", {"kernel": "fastest"}),
+    ("ours int8 (FBGEMM, int8 activations)", "bf16", "int8", {"kernel": "fbgemm"}),
     ("ours int4 (bf16)", "bf16", "int4", {"kernel": "aten", "zero_point": True}),
     ("ours int4 symmetric (bf16, MLAS where faster)", "bf16", "int4", {"kernel": "fastest", "zero_point": False}),
 )

@@ -281,7 +281,8 @@ def patch_embed(patches, weight):
 def prepare_weights_cpu(model) -> None:
     """Quantised weights run the ATen CPU ops (bf16 activations), or ONNX Runtime's MatMulNBits (MLAS) with
     ``MOEVL_CPU_QUANT_KERNEL`` = fastest (where measured faster per shape) | mlas (kernels/quant.py: faster, at about
-    2.2x the weight's memory); large dense
+    2.2x the weight's memory), or torch's FBGEMM dynamic-quantised linear for int8 with ``fbgemm`` (kernels/fbgemm.py:
+    int8 activations per row); large dense
     base weights take the layout measured fastest for their shape on this CPU (MKL plain, oneDNN packed or OpenBLAS
     one-row products; ``MOEVL_CPU_LAYOUT`` = auto | plain | onednn | openblas overrides)."""
     import functools

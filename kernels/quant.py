@@ -144,6 +144,7 @@ class QuantizedWeight(nn.Module):
         self.kernel = None  # (x2 [M, in], bias | None) -> [M, out]; None: self.reference
         self.kernel_name = "reference"
         self.mlas = None  # kernels.mlas.MatMulNBits once bound to it (then the stored values live only there)
+        self.fbgemm = None  # kernels.fbgemm.Int8Linear likewise (int8 only)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -205,6 +206,8 @@ class Int8Weight(QuantizedWeight):
     def nbytes(self) -> int:
         if self.mlas is not None:  # ONNX Runtime's copy: the values, one fp32 scale per block
             return self.out_features * self.in_features + self.out_features * self.in_features // self.mlas.block * 4
+        if self.fbgemm is not None:  # FBGEMM's packed copy: the values, one scale per channel
+            return self.out_features * self.in_features + self.out_features * 4
         return super().nbytes()
 
     def dequantize(self, dtype=torch.float32):
@@ -212,7 +215,10 @@ class Int8Weight(QuantizedWeight):
 
     def stored_qweight(self) -> torch.Tensor:
         """The stored int8 values, recovered from ONNX Runtime's session when the MLAS layout replaced them (slow for
-        big weights: a product with identity rows; ``moevl quantize`` saves before any layout is chosen)."""
+        big weights: a product with identity rows; ``moevl quantize`` saves before any layout is chosen), or unpacked
+        from FBGEMM's packed weight (exact, fast)."""
+        if self.fbgemm is not None:
+            return self.fbgemm.stored()
         if self.mlas is None:
             return self.qweight
         from moevl.kernels import mlas
@@ -222,7 +228,7 @@ class Int8Weight(QuantizedWeight):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.mlas is not None:  # the stored form, not the session's private layout
+        if self.mlas is not None or self.fbgemm is not None:  # the stored form, not the kernel's private layout
             destination[prefix + "qweight"] = self.stored_qweight()
 
 
@@ -440,8 +446,10 @@ def _unpack_cpu_int4(module: Int4Weight, rows: int = 1024) -> torch.Tensor:
 # "mlas" (ONNX Runtime's MatMulNBits, kernels/mlas.py: faster on the AMD EPYC, but ONNX Runtime held about 2.2x the
 # int8 bytes of each weight it took, measured with RSS: 1157 MB for a 545 MB int8 lm_head, so the model is no
 # longer "small"); "fastest" measures both per shape, once per process (QUANT_KERNEL_TIMES), and keeps MLAS where
-# it is faster. Chosen by MOEVL_CPU_QUANT_KERNEL (kernels/cpu.py).
-QUANT_KERNEL_POLICIES = ("aten", "fastest", "mlas")
+# it is faster; "fbgemm" (int8 only; int4 keeps ATen): torch's own dynamic-quantised linear (kernels/fbgemm.py:
+# faster still on the AMD EPYC, about the int8 bytes in memory, activations quantised to 8 bits per row). Chosen by
+# MOEVL_CPU_QUANT_KERNEL (kernels/cpu.py).
+QUANT_KERNEL_POLICIES = ("aten", "fastest", "mlas", "fbgemm")
 _QUANT_KERNEL_CHOICE: dict[tuple, str] = {}
 QUANT_KERNEL_TIMES: dict[tuple, dict] = {}
 
@@ -515,6 +523,20 @@ def bind_cpu(module: QuantizedWeight, policy: str = "aten") -> None:
     if policy not in QUANT_KERNEL_POLICIES:
         raise ValueError(f"unknown CPU quantised-kernel policy {policy!r}; use one of "
                          f"{', '.join(QUANT_KERNEL_POLICIES)}")
+    if module.fbgemm is not None:  # bound before: keep it, or give the values back for another kernel
+        if policy == "fbgemm":
+            _bind_fbgemm(module, module.fbgemm)
+            return
+        _unbind_fbgemm(module)
+    if policy == "fbgemm":
+        if module.mlas is not None:
+            _unbind_mlas(module)
+        if _fbgemm_usable(module):
+            from moevl.kernels import fbgemm
+
+            _bind_fbgemm(module, fbgemm.Int8Linear(module.qweight, module.scales))
+            return
+        policy = "aten"  # int4, or no FBGEMM here
     if module.mlas is not None:  # bound before (a model placed again): keep the session, or leave it for ATen
         if policy != "aten":
             _bind_mlas(module, module.mlas)
@@ -538,6 +560,26 @@ def bind_cpu(module: QuantizedWeight, policy: str = "aten") -> None:
         bind_dequantize(module)
 
 
+def _fbgemm_usable(module: QuantizedWeight) -> bool:
+    from moevl.kernels import fbgemm
+
+    return (isinstance(module, Int8Weight) and module.qweight.numel() > 0 and module.device.type == "cpu"
+            and fbgemm.available())
+
+
+def _bind_fbgemm(module: Int8Weight, op) -> None:
+    module.fbgemm = op
+    if module.qweight.numel():
+        module.qweight = torch.empty(0, dtype=module.qweight.dtype)  # the packed weight is the only copy now
+    module.bind(op.linear, "quantized::linear_dynamic (FBGEMM, int8 activations per row)")
+
+
+def _unbind_fbgemm(module: Int8Weight) -> None:
+    stored = module.fbgemm.stored()
+    module.fbgemm = None
+    module.qweight = stored.to(module.scales.device)
+
+
 def _unbind_mlas(module: QuantizedWeight) -> None:
     """The stored values back from ONNX Runtime's session into ``qweight`` (the session is dropped)."""
     stored = module.stored_qweight()
@@ -549,6 +591,8 @@ def bind_dequantize(module: QuantizedWeight) -> None:
     """CUDA (not verified on a GPU here): dequantise to the activations' dtype, then the dense matmul."""
     if module.mlas is not None:
         _unbind_mlas(module)
+    if module.fbgemm is not None:
+        _unbind_fbgemm(module)
     module.bind(module.reference, "dequantise + matmul")
 
 

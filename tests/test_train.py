@@ -56,6 +56,53 @@ def test_loss_is_on_the_answer_tokens_only(data):
         assert (row[-n:] != IGNORE).all() and (row[:-n] == IGNORE).all()  # the answer ends its row
 
 
+@pytest.mark.parametrize("family", ["awaker", "moe-llava"])
+def test_loss_averages_by_token_or_by_record(family, data):
+    """"token": the mean over every answer token of the batch; "record": the mean of each record's own mean. The
+    oracle: each record alone in its own batch (its token mean), and the cross-entropy written out from the logits."""
+    from moevl.train.examples import loss_of
+
+    from moevl.train.recipe import training_kernels
+
+    s = moevl.load("awaker-tiny" if family == "awaker" else "moellava-tiny", device="cpu", dtype="fp32")
+    s.model.set_kernels(training_kernels())  # as the training loop runs it
+    s.model.train()
+    recs = read_records(data)
+    recs = sorted(recs, key=lambda r: len(r.answer))[:1] + sorted(recs, key=lambda r: -len(r.answer))[:2]
+    alone, lengths = [], []
+    with torch.no_grad():
+        for r in recs:
+            batch, labels = make_batch(family, s.processor, [r])
+            loss, _ = loss_of(family, s.model, batch, labels)
+            alone.append(loss.item())
+            lengths.append(int((labels[:, 1:] != IGNORE).sum()))
+        assert len(set(lengths)) > 1  # answers of different lengths, else the two averages agree trivially
+        batch, labels = make_batch(family, s.processor, recs)
+        by_token, _ = loss_of(family, s.model, batch, labels, average="token")
+        by_record, _ = loss_of(family, s.model, batch, labels, average="record")
+    expect_record = sum(alone) / len(alone)
+    expect_token = sum(a * n for a, n in zip(alone, lengths)) / sum(lengths)
+    assert abs(by_record.item() - expect_record) < 1e-4 * max(1.0, expect_record)
+    assert abs(by_token.item() - expect_token) < 1e-4 * max(1.0, expect_token)
+    assert abs(by_record.item() - by_token.item()) > 1e-6
+    with pytest.raises(ValueError, match="loss average"):
+        loss_of(family, s.model, batch, labels, average="sequence")
+
+
+def test_bad_loss_average_is_refused_before_training(tmp_path, data):
+    with pytest.raises(ValueError, match="--loss-average"):
+        run_stage("awaker-tiny", data, "3", tmp_path / "x", "cpu", TrainSettings(steps=1, loss_average="mean"),
+                  progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_record_average_trains_and_is_recorded(tmp_path, data):
+    s = TrainSettings(steps=2, batch_size=3, lr=5e-3, loss_average="record")
+    out = run_stage("awaker-tiny", data, "3", tmp_path / "s3", "cpu", s, progress=False, log=lambda m: None)
+    info = json.loads((out / "train.json").read_text())
+    assert info["settings"]["loss_average"] == "record"
+
+
 def test_training_forward_is_inference_prefill(data):
     """Without a KV cache, the training forward gives the logits and the routing of the session's prefill, and
     the router input excludes the answer: appending the answer changes no routing decision."""

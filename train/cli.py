@@ -138,7 +138,7 @@ def cmd_train(args) -> int:
     if args.tower_cache_mb < 0:
         raise ValueError(f"--tower-cache-mb must be 0 (no cache) or more, not {args.tower_cache_mb}")
     settings = TrainSettings(steps=args.steps, epochs=args.epochs or 1.0, lr=args.lr, batch_size=args.batch_size,
-                             seed=args.seed, tower_cache_mb=args.tower_cache_mb)
+                             seed=args.seed, tower_cache_mb=args.tower_cache_mb, loss_average=args.loss_average)
     moe_layers = None
     if args.moe_layers:
         try:
@@ -183,6 +183,9 @@ def add_train_parser(subparsers):
     p.add_argument("--tower-cache-mb", type=int, default=4096,
                    help="when the vision tower is frozen, keep its output per record for later epochs, up to this "
                         "many MB (0: recompute every step)")
+    p.add_argument("--loss-average", default="token", choices=["token", "record"],
+                   help="token: the mean over every answer token of a batch (LLaVA's); record: every record weighs "
+                        "the same, whatever its answer's length (short answers beside long captions)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last saved state")
     p.add_argument("--force", action="store_true", help="replace an existing --out that is a moevl checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -229,10 +229,28 @@ def load_balancing_loss(info, real: torch.Tensor) -> torch.Tensor:
     return (probs.mean(0) * top1.mean(0)).sum() * e
 
 
-def loss_of(family: str, model, batch, labels, tower_out=None) -> tuple[torch.Tensor, ForwardOut]:
-    """Mean cross-entropy over the answer tokens (position t predicts token t + 1)."""
+LOSS_AVERAGES = ("token", "record")
+
+
+def loss_of(family: str, model, batch, labels, tower_out=None, average: str = "token"
+            ) -> tuple[torch.Tensor, ForwardOut]:
+    """Cross-entropy over the answer tokens (position t predicts token t + 1).
+
+    average: "token", the mean over every answer token of the batch (LLaVA's, transformers' default); "record", the
+    mean of each record's own token mean (every record weighs the same, whatever its answer's length: a one-token
+    answer is not outweighed by a 30-token caption in a mixed batch)."""
+    if average not in LOSS_AVERAGES:
+        raise ValueError(f"loss average must be one of {', '.join(LOSS_AVERAGES)}, not {average!r}")
     out = forward(family, model, batch, tower_out)
     target = labels[:, 1:]
     sel = target != IGNORE
     logits = model.logits(out.hidden[:, :-1][sel])  # only the scored positions reach the vocabulary projection
-    return torch.nn.functional.cross_entropy(logits, target[sel]), out
+    if average == "token":
+        return torch.nn.functional.cross_entropy(logits, target[sel]), out
+    per_token = torch.nn.functional.cross_entropy(logits.float(), target[sel], reduction="none")
+    rows = sel.nonzero()[:, 0]                     # the record of each scored token (row-major, as the selection)
+    counts = sel.sum(1)
+    per_record = torch.zeros(sel.shape[0], dtype=per_token.dtype, device=per_token.device).index_add_(
+        0, rows, per_token)
+    scored = counts > 0
+    return (per_record[scored] / counts[scored]).mean(), out

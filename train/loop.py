@@ -36,6 +36,7 @@ class TrainSettings:
     checkpoint_every: int = 50      # steps between saved states (for --resume)
     autocast: torch.dtype | None = None  # bf16 on chips that prefer it
     tower_cache_mb: int = 4096      # a frozen vision tower's output kept per record (TowerCache); 0: none
+    loss_average: str = "token"     # "token" or "record" (moevl.train.examples.loss_of)
 
     def total_steps(self, n_records: int) -> int:
         if self.steps is not None:
@@ -119,11 +120,13 @@ def train(family: str, model, processor, records: list[Record], params: dict[str
                     lm, aux = step_loss(chosen)
                 elif cache is not None:
                     batch, labels, tower = cache.batch(chosen, keys)
-                    lm, out = loss_of(family, model, batch.to(dev), labels.to(dev), tower.to(dev))
+                    lm, out = loss_of(family, model, batch.to(dev), labels.to(dev), tower.to(dev),
+                                      average=settings.loss_average)
                     aux = out.aux_loss
                 else:
                     batch, labels = make_batch(family, processor, chosen)
-                    lm, out = loss_of(family, model, batch.to(dev), labels.to(dev))
+                    lm, out = loss_of(family, model, batch.to(dev), labels.to(dev),
+                                      average=settings.loss_average)
                     aux = out.aux_loss
                 loss = lm + settings.aux_coef * aux
             opt.zero_grad(set_to_none=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from moevl.model.checkpoint import CHECKPOINT, check_output_folder
-from moevl.train.examples import has_moe_layers, read_records, routes_per_request, tower_prefixes
+from moevl.train.examples import LOSS_AVERAGES, has_moe_layers, read_records, routes_per_request, tower_prefixes
 from moevl.train.loop import LOSS_LOG, LOSS_PLOT, TrainSettings, train
 
 STAGES = ("vision", "0", "1", "2", "3", "moe")
@@ -64,6 +64,8 @@ def run_stage(model: str | Path, data: str | Path, stage: str, out: str | Path, 
     options = options or StageOptions()
     if str(stage) not in STAGES:
         raise ValueError(f"--stage must be one of {', '.join(STAGES)}, not {stage!r}")
+    if settings.loss_average not in LOSS_AVERAGES:
+        raise ValueError(f"--loss-average must be one of {', '.join(LOSS_AVERAGES)}, not {settings.loss_average!r}")
     stage = str(stage)
     out = Path(out)
     check_output_folder(out, CHECKPOINT, force)  # before minutes of work

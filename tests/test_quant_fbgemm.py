@@ -1,0 +1,114 @@
+"""The CPU int8 kernel through torch's FBGEMM dynamic-quantised linear (kernels/fbgemm.py): against a product with
+the dequantised weight written out here, each row independent of the others in its batch, the stored values given
+back exactly, rebinding, and a quantised tiny model end to end."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moevl
+from moevl.kernels import fbgemm, quant
+
+pytestmark = pytest.mark.skipif(not fbgemm.available(), reason="torch's quantized::linear_dynamic is not usable here")
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def _written_out(m):
+    """The weight an int8 module stands for, from its stored fields (not from kernels.quant's dequantiser)."""
+    return m.qweight.float() * m.scales.float()[:, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 128), (96, 256), (40, 48), (7, 5)])
+@pytest.mark.parametrize("rows", [1, 5, 33])  # 33: past ROWS_PER_CALL, the dequantised GEMM
+def test_fbgemm_matches_the_written_out_product(rows, shape, dtype):
+    torch.manual_seed(rows)
+    m = quant.Int8Weight.from_float(torch.randn(shape), dtype=dtype)
+    expected_w = _written_out(m)
+    x = torch.randn(rows, shape[1]).to(dtype)
+    bias = torch.randn(shape[0]).to(dtype)
+    quant.bind_cpu(m, policy="fbgemm")
+    assert m.kernel_name.startswith("quantized::linear_dynamic") and m.qweight.numel() == 0
+    y = m(x, bias)
+    assert y.shape == (rows, shape[0]) and y.dtype == dtype
+    # the activations are quantised to 8 bits per row inside the op (7 without VNNI): an error of that order
+    assert rel_err(y, F.linear(x.float(), expected_w, bias.float())) < (3e-2 if fbgemm.vnni() else 6e-2)
+
+
+def test_each_row_is_quantised_on_its_own():
+    """One request's large activations must not coarsen another's: a row's result is the same alone and beside an
+    outlier row (a per-tensor activation scale would give the small row ~1000x coarser steps)."""
+    m = quant.Int8Weight.from_float(torch.randn(64, 256))
+    expected_w = _written_out(m)
+    quant.bind_cpu(m, policy="fbgemm")
+    small = torch.randn(1, 256) * 1e-3
+    big = torch.randn(1, 256) * 1e3
+    alone = m(small)
+    together = m(torch.cat([big, small, big]))
+    assert torch.equal(together[1:2], alone)
+    assert rel_err(together[1:2], small @ expected_w.T) < 3e-2
+
+
+def test_the_stored_values_come_back_exactly_and_are_saved():
+    q = torch.tensor([[-127, 127, 0, 1] * 8, [5, -5, -126, 100] * 8], dtype=torch.int8).repeat(8, 1)
+    m = quant.Int8Weight(16, 32, torch.bfloat16)
+    m.qweight, m.scales = q.clone(), torch.tensor([1e-6, 3.0] * 8).to(torch.bfloat16)
+    quant.bind_cpu(m, policy="fbgemm")
+    assert m.qweight.numel() == 0 and m.fbgemm is not None  # one copy of the weight (FBGEMM's packed one)
+    assert torch.equal(m.stored_qweight(), q)
+    assert torch.equal(m.state_dict()["qweight"], q)
+    assert m.nbytes() == 16 * 32 + 16 * 4
+
+
+@pytest.mark.parametrize("again", ["fbgemm", "aten", "mlas", "dequantize"])
+def test_a_weight_bound_again_keeps_its_values(again):
+    m = quant.Int8Weight.from_float(torch.randn(64, 256), dtype=torch.bfloat16)
+    stored = m.qweight.clone()
+    expected_w = _written_out(m)
+    quant.bind_cpu(m, policy="fbgemm")
+    if again == "dequantize":
+        quant.bind_dequantize(m)
+        assert m.fbgemm is None and m.kernel_name == "dequantise + matmul"
+    else:
+        quant.bind_cpu(m, policy=again)
+        assert (m.fbgemm is not None) == (again == "fbgemm")
+    assert torch.equal(m.stored_qweight(), stored)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    assert rel_err(m(x), F.linear(x.float(), expected_w)) < 3e-2
+
+
+def test_int4_keeps_the_aten_kernel():
+    m = quant.Int4Weight.from_float(torch.randn(64, 256), group_size=64)
+    quant.bind_cpu(m, policy="fbgemm")
+    assert m.kernel_name.startswith("aten._weight_int4pack_mm") and m.fbgemm is None
+
+
+def test_gradient_flows_to_the_input_through_an_fbgemm_weight():
+    m = quant.Int8Weight.from_float(torch.randn(32, 64))
+    expected = _written_out(m)
+    quant.bind_cpu(m, policy="fbgemm")
+    x = torch.randn(4, 64, requires_grad=True)
+    m(x).sum().backward()
+    assert torch.allclose(x.grad, expected.sum(0).expand(4, -1), atol=1e-4)
+
+
+def test_a_quantised_tiny_model_through_fbgemm_matches_its_reference(monkeypatch):
+    """Every int8 weight on FBGEMM: next-token logits within 3% (of the largest logit) of the same quantised model
+    run as dequantise-then-matmul, the routing unchanged."""
+    from tests.test_quant_mlas import _logits_and_routing
+
+    monkeypatch.setenv("MOEVL_CPU_QUANT_KERNEL", "fbgemm")
+    q = moevl.load("awaker-tiny-random", device="cpu", dtype="fp32")
+    quant.quantize_model(q.model, "int8")
+    oracle = moevl.load("awaker-tiny-random", device="cpu", dtype="fp32")
+    quant.quantize_model(oracle.model, "int8")  # unbound: the reference
+    moevl.place(q.model, q.device)
+    kernels = {m.kernel_name for _, m in quant.quantized_weights(q.model)}
+    assert all(k.startswith("quantized::linear_dynamic") for k in kernels), kernels
+    for prompt in ("What is in the picture?", "How many shapes are there?"):
+        lq, routing_q = _logits_and_routing(q, prompt)
+        lo, routing_o = _logits_and_routing(oracle, prompt)
+        assert rel_err(lq, lo) < 0.03, prompt
+        assert routing_q == routing_o
