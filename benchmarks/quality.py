@@ -35,7 +35,8 @@ VARIANTS = {
     "torch bf16 int8 mlas": ("torch", "cpu", "bf16", {"quantize": "int8", "kernel": "mlas"}),
     "torch bf16 int4 symmetric mlas": ("torch", "cpu", "bf16", {"quantize": "int4", "symmetric": True,
                                                                   "kernel": "mlas"}),
-    # torch's FBGEMM dynamic-quantised linear (kernels/fbgemm.py; int8 activations per row), MOEVL_CPU_QUANT_KERNEL=fbgemm
+    # torch's FBGEMM dynamic-quantised linear (kernels/fbgemm.py; int8 activations per row): MOEVL_CPU_QUANT_KERNEL
+    # =fbgemm
     "torch bf16 int8 fbgemm": ("torch", "cpu", "bf16", {"quantize": "int8", "kernel": "fbgemm"}),
     "npu-emulated:910B bf16": ("torch", "npu-emulated:910B", "bf16", {}),
     "npu-emulated:310P fp16": ("torch", "npu-emulated:310P", "fp16", {}),

@@ -224,8 +224,8 @@ def load_rss_check(model, out_dir: Path) -> dict:
 
 def kernel_table(shapes, repeats: int = 10) -> list[dict]:
     """One-row product per weight shape (the decode GEMV) in each form, best of ``repeats`` after a warm-up:
-    bf16 F.linear, bf16 oneDNN-packed, int8 and int4 (bf16 activations). Weights random, built one shape at a
-    time. -> rows with ms and GB/s of the bytes each form reads."""
+    bf16 F.linear, bf16 oneDNN-packed, int8 and int4 (bf16 activations; MLAS and FBGEMM: int8 activations).
+    Weights random, built one shape at a time. -> rows with ms and GB/s of the bytes each form reads."""
     from moevl.kernels.quant import time_gemv
 
     def best(fn, x):
@@ -252,6 +252,11 @@ def kernel_table(shapes, repeats: int = 10) -> list[dict]:
                     forms["int4" + (label + " symmetric" if label else "")] = (lambda v, m=i4: m.run(v, None),
                                                                                i4.nbytes())
                     mods.append(i4)
+        i8 = quant.Int8Weight.from_float(w)  # torch's FBGEMM dynamic-quantised linear (int8 activations per row)
+        quant.bind_cpu(i8, policy="fbgemm")
+        if i8.fbgemm is not None:
+            forms["int8 FBGEMM"] = (lambda v, m=i8: m.run(v, None), i8.nbytes())
+            mods.append(i8)
         for name, (fn, nbytes) in forms.items():
             t = best(fn, x)
             rows.append({"shape": [out_f, in_f], "form": name, "ms": 1000 * t, "bytes": nbytes,

@@ -37,7 +37,8 @@ LATENCY = tuple(k for k in COLUMNS if k != "accuracy")
 # the rows in the order the table shows them; a variant a file has beyond these gets its own row after them
 ROWS = ("transformers fp32", "ours fp32", "ours fp32 (oneDNN)", "ours bf16", "ours int8 (bf16)",
         "ours int8 (bf16, MLAS where faster)", "ours int8 (FBGEMM, int8 activations)", "ours int4 (bf16)",
-        "ours int4 symmetric (bf16, MLAS where faster)", "ORT fp32", "ORT int8 (dynamic)", "npu-emulated:910B bf16", "npu-emulated:310P fp16")
+        "ours int4 symmetric (bf16, MLAS where faster)", "ORT fp32", "ORT int8 (dynamic)", "npu-emulated:910B bf16",
+        "npu-emulated:310P fp16")
 # quality.py's variant names -> rows (the others keep their names). The same kernels on both sides: the 7B-width
 # "MLAS where faster" rows took MLAS on every shape on the AMD EPYC; the tiny defaults' weights take it only when
 # forced, which the quality variants "... mlas" do.

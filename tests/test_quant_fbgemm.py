@@ -22,7 +22,7 @@ def _written_out(m):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 128), (96, 256), (40, 48), (7, 5)])
-@pytest.mark.parametrize("rows", [1, 5, 33])  # 33: past ROWS_PER_CALL, the dequantised GEMM
+@pytest.mark.parametrize("rows", [1, 5, 33])
 def test_fbgemm_matches_the_written_out_product(rows, shape, dtype):
     torch.manual_seed(rows)
     m = quant.Int8Weight.from_float(torch.randn(shape), dtype=dtype)
@@ -45,10 +45,13 @@ def test_each_row_is_quantised_on_its_own():
     quant.bind_cpu(m, policy="fbgemm")
     small = torch.randn(1, 256) * 1e-3
     big = torch.randn(1, 256) * 1e3
-    alone = m(small)
+    alone = m(small)  # one row: quantised by the op over its own range
     together = m(torch.cat([big, small, big]))
-    assert torch.equal(together[1:2], alone)
-    assert rel_err(together[1:2], small @ expected_w.T) < 3e-2
+    many = m(torch.cat([big] * 20 + [small]))  # a prefill-sized call: the same one op
+    with_small = m(torch.cat([small, small * 1e-3]))
+    assert torch.equal(together[1:2], many[-1:]) and torch.equal(together[1:2], with_small[:1])
+    for y in (alone, together[1:2]):
+        assert rel_err(y, small @ expected_w.T) < 3e-2
 
 
 def test_the_stored_values_come_back_exactly_and_are_saved():

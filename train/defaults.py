@@ -64,11 +64,6 @@ class BuildPlan:
     batches: dict = dataclasses.field(default_factory=lambda: {  # else ``batch``
         "awaker.v": 32, "moellava.v": 32, "awaker.0mix": 64, "awaker.1": 64, "awaker.2": 64, "awaker.3": 64,
         "moellava.0mix": 64, "moellava.moe": 64})
-    # the question stages weigh every record the same (TrainSettings.loss_average): with the token mean, a batch of
-    # 64's ~13 captions (~16 scored tokens each, the end token included) outweigh its ~51 answers of 2-3 tokens,
-    # 200 tokens to 130, and the questions' lookups (colour, shape, position) learn slowly
-    loss_average: dict = dataclasses.field(default_factory=lambda: {
-        k: "record" for k in ("awaker.0mix", "awaker.1", "awaker.2", "awaker.3", "moellava.0mix", "moellava.moe")})
     lora_rank: int = 32
     lora_alpha: float = 64.0
 
@@ -211,8 +206,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
             return dest
         t = time.time()
         settings = TrainSettings(steps=plan.steps[key], lr=plan.lr[key], batch_size=plan.batches.get(key, plan.batch),
-                                 seed=seed, checkpoint_every=25,
-                                 loss_average=plan.loss_average.get(key, "token"))
+                                 seed=seed, checkpoint_every=25)
         run_stage(model, data_json, st, dest, "cpu", settings,
                   StageOptions(lora_rank=plan.lora_rank, lora_alpha=plan.lora_alpha, **opts), resume=True,
                   force=True, progress=progress, log=log)
