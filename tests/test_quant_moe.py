@@ -116,6 +116,28 @@ def test_quantised_experts_on_onnx_runtimes_matmul_nbits_match_the_dequantised_s
     assert y.dtype == torch.bfloat16 and rel_err(y, plain_reference(x, oracle, info)) < 2e-2
 
 
+def test_int8_experts_on_fbgemm_match_the_dequantised_stack():
+    """Each int8 expert weight bound to torch's FBGEMM linear (kernels/fbgemm.py, int8 activations per row): the
+    dropless dispatch within 2% of the largest output of the hand-dequantised stack through the reference."""
+    from moevl.kernels import fbgemm
+
+    if not fbgemm.available():
+        pytest.skip("torch's quantized::linear_dynamic is not usable here")
+    torch.manual_seed(2)
+    experts = random_experts("swiglu")
+    stacks = {k: quant.quantize_experts(getattr(experts, k), "int8") for k in ("w_in", "w_up", "w_out")}
+    oracle = experts._replace(**{k: dequantised_by_hand(v) for k, v in stacks.items()})
+    q = experts._replace(**stacks)
+    for stack in stacks.values():
+        for m in stack:
+            quant.bind_cpu(m, policy="fbgemm")
+            assert m.kernel_name.startswith("quantized::linear_dynamic")
+    x = torch.randn(TOKENS, H).to(torch.bfloat16)
+    info = moe.route(x, torch.randn(E, H).to(torch.bfloat16), top_k=2)
+    y = moe.experts_dropless(x, q, info)
+    assert y.dtype == torch.bfloat16 and rel_err(y, plain_reference(x, oracle, info)) < 2e-2
+
+
 @pytest.mark.parametrize("mode,tol", [("int8", 0.02), ("int4", 0.15)])
 def test_quantisation_error_of_the_experts_is_bounded_against_fp32(mode, tol):
     """Through the CPU kernels, against the unquantised fp32 experts (random weights: int4's 16 levels per group of
