@@ -216,7 +216,7 @@ class Int8Weight(QuantizedWeight):
     def stored_qweight(self) -> torch.Tensor:
         """The stored int8 values, recovered from ONNX Runtime's session when the MLAS layout replaced them (slow for
         big weights: a product with identity rows; ``moevl quantize`` saves before any layout is chosen), or unpacked
-        from FBGEMM's packed weight (exact, fast)."""
+        from FBGEMM's packed weight (exact; ~0.26 s for 18944 x 3584)."""
         if self.fbgemm is not None:
             return self.fbgemm.stored()
         if self.mlas is None:
