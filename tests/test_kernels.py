@@ -123,7 +123,7 @@ def test_should_merge_at_the_extremes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("t,s,hq,hkv", [(1, 9, 4, 2), (5, 5, 4, 4), (6, 11, 6, 2)])
+@pytest.mark.parametrize("t,s,hq,hkv", [(1, 9, 4, 2), (5, 5, 4, 4), (6, 11, 6, 2), (20, 24, 8, 2)])
 def test_attention_matches_reference_with_gqa_and_fully_masked_rows(t, s, hq, hkv, dtype):
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, hq, t, 16, generator=g).to(dtype)
@@ -167,19 +167,36 @@ def test_backends_are_registered():
         assert get_kernels(name).moe_ffn is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank_major", [False, True])
-def test_single_request_plan_serves_prefill_then_decode(rank_major):
+def test_single_request_plan_serves_prefill_then_decode(rank_major, dtype):
     """Batch 1 on the CPU: views at prefill (T > 1), stacked once at the first T = 1 step; both equal the
-    reference, also with lora_B stored rank-major as the Awaker model keeps it."""
-    x, W, bias, A, B, expert, scales = lora_case(1, 6, 37, 53, 256, 5, torch.float32)
+    reference, with lora_B stored either way (rank-major as fp32 models keep it, store_lora_b)."""
+    x, W, bias, A, B, expert, scales = lora_case(1, 6, 37, 53, 256, 5, dtype)
     if rank_major:
         B = B.transpose(1, 2).contiguous().transpose(1, 2)
     plan = cpu.lora_moe_prepare(A, B, expert, scales)
     ref_plan = reference.lora_moe_prepare(A, B, expert, scales)
-    torch.testing.assert_close(cpu.lora_moe_linear(x, W, bias, plan),
-                               reference.lora_moe_linear(x, W, bias, ref_plan), rtol=1e-5, atol=1e-5)
+    close(cpu.lora_moe_linear(x, W, bias, plan), reference.lora_moe_linear(x, W, bias, ref_plan), dtype)
     for t in range(3):
         step = x[:, t:t + 1]
-        torch.testing.assert_close(cpu.lora_moe_linear(step, W, bias, plan),
-                                   reference.lora_moe_linear(step, W, bias, ref_plan), rtol=1e-5, atol=1e-5)
+        close(cpu.lora_moe_linear(step, W, bias, plan), reference.lora_moe_linear(step, W, bias, ref_plan), dtype)
     assert len(plan.stacked) == 1  # stacked once, reused
+    # the decode expand's weight in the memory order measured faster for the dtype (cpu.expand_out_major)
+    bt = plan.stacked[0].lora_Bt[0]  # [2r, out]
+    assert (bt.t() if dtype == torch.bfloat16 else bt).is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_b_storage_follows_the_dtype_and_keeps_the_values(dtype):
+    from moevl.model.awaker.lora_moe import AdaptedLinear
+    from moevl.kernels import KernelRef
+
+    lin = AdaptedLinear(8, 12, False, 5, 4, KernelRef(get_kernels("cpu")))
+    B = torch.randn(5, 12, 4).to(dtype)
+    lin.lora_B.data = B.clone()
+    cpu.store_lora_b(lin)
+    assert torch.equal(lin.lora_B, B) and lin.lora_B.shape == (5, 12, 4)
+    # bf16: [X, out, r] as is; fp32: rank-major ([X, r, out] in memory)
+    assert lin.lora_B.is_contiguous() == (dtype == torch.bfloat16)
+    assert lin.lora_B.transpose(1, 2).is_contiguous() == (dtype == torch.float32)

@@ -129,16 +129,17 @@ class AwakerRows:
     prefill as ``ask`` computes it, and the decode steps' plans for the running rows.
 
     The fast kernels' plan of a request is one rank-2r LoRA per linear (``StackedLoraPlan``); the rows keep those
-    in preallocated [max_batch, 2r, in|out] buffers, so that a joining request copies only its own experts and a
-    decode step's plan is a view of the first n rows. Other kernel sets' plans are re-prepared for the running
-    rows whenever they change (``plan_layer``).
+    in preallocated buffers (A [max_batch, 2r, in]; B^T [max_batch, 2r, out], a transposed view of B
+    [max_batch, out, 2r] in bf16 / fp16: ``kernels.cpu.expand_out_major``), so that a joining request copies only its
+    own experts and a decode step's plan is a view of the first n rows.
+    Other kernel sets' plans are re-prepared for the running rows whenever they change (``plan_layer``).
     """
 
     def __init__(self, session: AwakerSession, max_batch: int):
         self.session, self.model = session, session.model
         self.routing: list = [None] * max_batch         # per row: its prefill routing (batch of one)
         self.decode_routing: list = [None] * max_batch  # per row: the routing of its decode steps
-        self.slots = None  # per layer: {linear: (A [max_batch, R, in], Bt [max_batch, R, out])}, or None
+        self.slots = None  # per layer: {linear: (A [max_batch, R, in], B^T [max_batch, R, out])}, or None
         self.stacked = True  # False: this kernel set's plans are not stacked ones, re-plan instead
         self._batch = None  # the decode routing of the running rows (None: rebuild)
         self._batch_n = 0
@@ -184,7 +185,7 @@ class AwakerRows:
 
     # -- the decode plans of the running rows
     def _put(self, row: int, routing: list[LayerRouting]) -> None:
-        from moevl.kernels.cpu import StackedLoraPlan, ViewLoraPlan
+        from moevl.kernels.cpu import StackedLoraPlan, ViewLoraPlan, stack_expand
 
         if not self.stacked:
             return
@@ -192,8 +193,8 @@ class AwakerRows:
         for r in routing:
             one = {}
             for name, plan in r.plans.items():
-                if isinstance(plan, ViewLoraPlan):
-                    one[name] = (torch.cat(plan.lora_A), torch.cat([b * s for b, s in zip(plan.lora_Bt, plan.scales)]))
+                if isinstance(plan, ViewLoraPlan):  # B^T in the slots' layout (a plain copy below)
+                    one[name] = (torch.cat(plan.lora_A), stack_expand(plan.lora_Bt, plan.scales))
                 elif isinstance(plan, StackedLoraPlan):
                     one[name] = (plan.lora_A[0], plan.lora_Bt[0])
                 else:
@@ -211,15 +212,20 @@ class AwakerRows:
 
     @staticmethod
     def _layer_slots(layer, max_batch: int) -> dict:
-        """{linear: (A [max_batch, R, in], Bt [max_batch, R, out])}, R = 2r (r for plain LoRA)."""
+        """{linear: (A [max_batch, R, in], B^T [max_batch, R, out])}, R = 2r (r for plain LoRA)."""
+        from moevl.kernels.cpu import expand_out_major
+
         mods = {"o_proj": layer.self_attn.o_proj, "gate_proj": layer.mlp.gate_proj,
                 "up_proj": layer.mlp.up_proj, "down_proj": layer.mlp.down_proj}
         out = {}
         for name, mod in mods.items():
             x, r, _ = mod.lora_A.shape
             rank = r if x == 1 else 2 * r
-            out[name] = (mod.lora_A.new_zeros(max_batch, rank, mod.in_features),
-                         mod.lora_A.new_zeros(max_batch, rank, mod.out_features))
+            if expand_out_major(mod.lora_A.dtype, mod.lora_A.device):
+                bt = mod.lora_A.new_zeros(max_batch, mod.out_features, rank).transpose(1, 2)
+            else:
+                bt = mod.lora_A.new_zeros(max_batch, rank, mod.out_features)
+            out[name] = (mod.lora_A.new_zeros(max_batch, rank, mod.in_features), bt)
         return out
 
     def _decode_routing(self, n: int):
