@@ -28,7 +28,8 @@ REFERENCE = "torch fp32"
 VARIANTS = {
     "torch fp32": ("torch", "cpu", "fp32", {}),
     "torch bf16": ("torch", "cpu", "bf16", {}),
-    "torch bf16 int8": ("torch", "cpu", "bf16", {"quantize": "int8"}),  # weight-only (kernels/quant.py)
+    # weight-only on ATen's kernel (bf16 activations), pinned: the default (auto) takes FBGEMM on VNNI CPUs
+    "torch bf16 int8": ("torch", "cpu", "bf16", {"quantize": "int8", "kernel": "aten"}),
     "torch bf16 int4": ("torch", "cpu", "bf16", {"quantize": "int4"}),
     # the same weights through ONNX Runtime's MatMulNBits (kernels/mlas.py; int8 activations per block), forced:
     # MOEVL_CPU_QUANT_KERNEL=fastest takes it only for weights of >= 1M elements, and the tiny defaults' are smaller

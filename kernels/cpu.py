@@ -341,20 +341,20 @@ def patch_embed(patches, weight):
 # ---------------------------------------------------------------------------------------------------------------
 
 def prepare_weights_cpu(model) -> None:
-    """Quantised weights run the ATen CPU ops (bf16 activations), or ONNX Runtime's MatMulNBits (MLAS) with
-    ``MOEVL_CPU_QUANT_KERNEL`` = fastest (where measured faster per shape) | mlas (kernels/quant.py: faster, at about
-    2.2x the weight's memory), or torch's FBGEMM dynamic-quantised linear for int8 with ``fbgemm`` (kernels/fbgemm.py:
-    int8 activations per row); large dense
+    """Quantised weights run by ``MOEVL_CPU_QUANT_KERNEL`` (kernels/quant.py bind_cpu): auto (the default: int8 on
+    torch's FBGEMM dynamic-quantised linear where the CPU has VNNI, kernels/fbgemm.py, int8 activations per row;
+    else and for int4 the ATen CPU ops, bf16 activations) | aten | fbgemm | fastest (ONNX Runtime's MatMulNBits,
+    MLAS, where measured faster per shape) | mlas (faster, at about 2.2x the weight's memory); large dense
     base weights take the layout measured fastest for their shape on this CPU (MKL plain, oneDNN packed or OpenBLAS
     one-row products; ``MOEVL_CPU_LAYOUT`` = auto | plain | onednn | openblas overrides); the adapters' lora_B in the
     memory order its products want (``store_lora_b``)."""
     import functools
     import os
 
-    policy = os.environ.get("MOEVL_CPU_QUANT_KERNEL", "aten")
+    policy = os.environ.get("MOEVL_CPU_QUANT_KERNEL", "auto")
     if policy not in quant.QUANT_KERNEL_POLICIES:
         raise ValueError(f"MOEVL_CPU_QUANT_KERNEL={policy!r}: set it to one of "
-                         f"{', '.join(quant.QUANT_KERNEL_POLICIES)} (or unset it: aten)")
+                         f"{', '.join(quant.QUANT_KERNEL_POLICIES)} (or unset it: auto)")
     quant.bind_all(model, functools.partial(quant.bind_cpu, policy=policy))
     quant.choose_dense_layouts(model, os.environ.get("MOEVL_CPU_LAYOUT", "auto"))
     store_lora_b(model)

@@ -22,9 +22,10 @@ One call serves every row count (decode batches and prefill). On CPUs without VN
 pairs of u8 x s8 products in saturating 16 bits: there the activations use 7 bits (``reduce_range``), as torch's
 own dynamic quantisation does.
 
-Opt-in (MOEVL_CPU_QUANT_KERNEL=fbgemm, kernels/quant.py): the default ATen kernel keeps bf16 activations. The
-accuracy it costs is measured by ``benchmarks.quality`` on the trained defaults (the ``torch bf16 int8 fbgemm``
-row). torch marks its quantised-tensor constructors deprecated for a future release; the kit pins torch 2.13.0,
+The default for int8 on CPUs with VNNI (MOEVL_CPU_QUANT_KERNEL unset or "auto", kernels/quant.py); elsewhere, or
+with MOEVL_CPU_QUANT_KERNEL=aten, the ATen kernel keeps bf16 activations (weight-only). The accuracy the int8
+activations cost is measured by ``benchmarks.quality`` on the trained defaults (the ``torch bf16 int8 fbgemm`` row:
+within 1 point of fp32 on every task). torch marks its quantised-tensor constructors deprecated for a future release; the kit pins torch 2.13.0,
 and ``available()`` turns the layout off where they are gone.
 """
 from __future__ import annotations

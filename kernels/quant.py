@@ -442,14 +442,18 @@ def _unpack_cpu_int4(module: Int4Weight, rows: int = 1024) -> torch.Tensor:
     return out
 
 
-# the CPU kernels a quantised weight can take: "aten" (torch's int8/int4 ops, bf16 activations; the default) or
+# the CPU kernels a quantised weight can take: "auto" (the default: "fbgemm" for int8 where the CPU has 8-bit dot
+# products (VNNI / AMX-int8), else "aten"; int4 "aten"), "aten" (torch's int8/int4 ops, bf16 activations) or
 # "mlas" (ONNX Runtime's MatMulNBits, kernels/mlas.py: faster on the AMD EPYC, but ONNX Runtime held about 2.2x the
 # int8 bytes of each weight it took, measured with RSS: 1157 MB for a 545 MB int8 lm_head, so the model is no
 # longer "small"); "fastest" measures both per shape, once per process (QUANT_KERNEL_TIMES), and keeps MLAS where
 # it is faster; "fbgemm" (int8 only; int4 keeps ATen): torch's own dynamic-quantised linear (kernels/fbgemm.py:
 # faster still on the AMD EPYC, about the int8 bytes in memory, activations quantised to 8 bits per row). Chosen by
-# MOEVL_CPU_QUANT_KERNEL (kernels/cpu.py).
-QUANT_KERNEL_POLICIES = ("aten", "fastest", "mlas", "fbgemm")
+# MOEVL_CPU_QUANT_KERNEL (kernels/cpu.py). Why "auto" picks FBGEMM for int8 on VNNI CPUs: measured side by side at
+# 7B width on an AMD EPYC (2 threads), int8 decode took ~29 ms/token on FBGEMM and ~47 on ATen (whose one-row
+# int8 x bf16 product is compute-bound on 2 cores: 24-34 GB/s), at the same memory, and the trained defaults'
+# accuracy on FBGEMM was within 1 point of fp32 on every task (benchmarks/results/quality-cpu.md).
+QUANT_KERNEL_POLICIES = ("auto", "aten", "fastest", "mlas", "fbgemm")
 _QUANT_KERNEL_CHOICE: dict[tuple, str] = {}
 QUANT_KERNEL_TIMES: dict[tuple, dict] = {}
 
@@ -515,14 +519,18 @@ def measure_quant_kernel(module: QuantizedWeight, op, repeats: int = 5) -> str:
     return _QUANT_KERNEL_CHOICE[key]
 
 
-def bind_cpu(module: QuantizedWeight, policy: str = "aten") -> None:
-    """A quantised weight's CPU kernel, by ``policy``: "aten", "mlas" (where MLAS has an exact form of the weight,
-    else ATen) or "fastest": MLAS where it measured faster for this shape, for weights of at least MIN_PACKED
-    elements (smaller ones take ATen: their product is not bandwidth-bound, and the choice would depend on the
-    machine's noise)."""
+def bind_cpu(module: QuantizedWeight, policy: str = "auto") -> None:
+    """A quantised weight's CPU kernel, by ``policy``: "auto" (FBGEMM for int8 on a CPU with VNNI, else ATen),
+    "aten", "fbgemm" (int8; int4 takes ATen), "mlas" (where MLAS has an exact form of the weight, else ATen) or
+    "fastest": MLAS where it measured faster for this shape, for weights of at least MIN_PACKED elements (smaller
+    ones take ATen: their product is not bandwidth-bound, and the choice would depend on the machine's noise)."""
     if policy not in QUANT_KERNEL_POLICIES:
         raise ValueError(f"unknown CPU quantised-kernel policy {policy!r}; use one of "
                          f"{', '.join(QUANT_KERNEL_POLICIES)}")
+    if policy == "auto":
+        from moevl.kernels import fbgemm
+
+        policy = "fbgemm" if isinstance(module, Int8Weight) and fbgemm.vnni() else "aten"
     if module.fbgemm is not None:  # bound before: keep it, or give the values back for another kernel
         if policy == "fbgemm":
             _bind_fbgemm(module, module.fbgemm)

@@ -88,6 +88,25 @@ def test_int4_keeps_the_aten_kernel():
     assert m.kernel_name.startswith("aten._weight_int4pack_mm") and m.fbgemm is None
 
 
+@pytest.mark.parametrize("vnni", [True, False])
+def test_the_default_policy_takes_fbgemm_for_int8_only_on_a_cpu_with_vnni(vnni, monkeypatch):
+    monkeypatch.setattr(fbgemm, "vnni", lambda: vnni)
+    i8 = quant.Int8Weight.from_float(torch.randn(64, 128), dtype=torch.bfloat16)
+    i4 = quant.Int4Weight.from_float(torch.randn(64, 256), group_size=64)
+    quant.bind_cpu(i8)
+    quant.bind_cpu(i4)
+    assert i8.kernel_name.startswith("quantized::linear_dynamic" if vnni else "aten._weight_int8pack_mm")
+    assert i4.kernel_name.startswith("aten._weight_int4pack_mm")
+    # and through the environment moevl.place reads: unset = auto, aten pins ATen
+    for env, want in ((None, "quantized::linear_dynamic" if vnni else "aten."), ("aten", "aten.")):
+        if env is None:
+            monkeypatch.delenv("MOEVL_CPU_QUANT_KERNEL", raising=False)
+        else:
+            monkeypatch.setenv("MOEVL_CPU_QUANT_KERNEL", env)
+        s = moevl.load("awaker-tiny-random", device="cpu", dtype="bf16", quantize="int8")
+        assert {m.kernel_name.startswith(want) for _, m in quant.quantized_weights(s.model)} == {True}, env
+
+
 def test_gradient_flows_to_the_input_through_an_fbgemm_weight():
     m = quant.Int8Weight.from_float(torch.randn(32, 64))
     expected = _written_out(m)

@@ -93,10 +93,13 @@ def test_gradient_flows_to_the_input_through_a_mlas_weight():
     assert torch.allclose(x.grad, expected.sum(0).expand(4, -1), atol=1e-4)
 
 
-def test_aten_is_the_default_and_fastest_measures_large_weights_only(monkeypatch):
+def test_mlas_is_never_the_default_and_fastest_measures_large_weights_only(monkeypatch):
+    from tests.test_quant import int8_default_is_fbgemm
+
     default = quant.Int8Weight.from_float(torch.randn(1024, 1024), dtype=torch.bfloat16)
     quant.bind_cpu(default)  # MLAS costs memory (ONNX Runtime's copies): only when asked for
-    assert default.kernel_name.startswith("aten._weight_int8pack_mm")
+    assert default.kernel_name.startswith("quantized::linear_dynamic" if int8_default_is_fbgemm()
+                                          else "aten._weight_int8pack_mm")
     small = quant.Int8Weight.from_float(torch.randn(64, 128))
     quant.bind_cpu(small, policy="fastest")
     assert small.kernel_name.startswith("aten._weight_int8pack_mm")

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 import moevl
 from moevl.kernels import moe, quant
 from tests.test_quant import _next_token_logits  # the logits of the next token, spied on the session
+from tests.test_quant import int8_default_is_fbgemm
+
+# the default int8 kernel here and the bytes of one scale as it holds it (FBGEMM: fp32 per channel; ATen: bf16)
+INT8_KERNEL, INT8_SCALE_BYTES = (("quantized::linear_dynamic (FBGEMM, int8 activations per row)", 4)
+                                 if int8_default_is_fbgemm() else ("aten._weight_int8pack_mm (bf16 activations)", 2))
 
 E, H, FFN, TOKENS = 4, 64, 128, 11
 
@@ -81,7 +86,7 @@ def test_every_dispatch_variant_matches_the_dequantised_stack_through_the_refere
     for stack in (q.w_in, q.w_up, q.w_out):
         if stack is not None:
             for m in stack:
-                quant.bind_cpu(m)
+                quant.bind_cpu(m, policy="aten")
                 assert m.kernel_name.startswith("aten._weight_int")
     for name, run in (("reference", moe.experts_reference), ("dropless", moe.experts_dropless),
                       ("dense", moe.experts_dense),
@@ -203,10 +208,11 @@ def test_load_with_int8_leaves_no_float_expert_stack_and_stays_close(int8_bf16, 
     assert not [n for n, p in model.named_parameters() if p.dim() == 3 and p.is_floating_point()]
     stacks = [getattr(mlp, k) for mlp in moe_layers(int8_bf16) for k in ("w_in", "w_out")]
     assert len(stacks) == 4 and all(isinstance(s, quant.QuantizedExperts) for s in stacks)
-    assert {m.kernel_name for s in stacks for m in s} == {"aten._weight_int8pack_mm (bf16 activations)"}
-    # the reported weight bytes count the experts: int8 values + bf16 scales, per expert
+    assert {m.kernel_name for s in stacks for m in s} == {INT8_KERNEL}
+    # the reported weight bytes count the experts: int8 values + a scale per row, per expert
     info = quant.describe(model)
-    expert_bytes = 2 * E * ((FFN * H + FFN * 2) + (H * FFN + H * 2))
+    sb = INT8_SCALE_BYTES
+    expert_bytes = 2 * E * ((FFN * H + FFN * sb) + (H * FFN + H * sb))
     others = sum(m.nbytes() for n, m in quant.quantized_weights(model) if ".w_in." not in n and ".w_out." not in n)
     assert info["weight_bytes"] == expert_bytes + others and info["expert_stacks"] == 4
     for prompt in ("What is in the picture?", "Describe the image in detail."):
@@ -317,7 +323,8 @@ def test_quantised_experts_run_the_npu_weight_quant_op_on_the_emulated_npu():
 @pytest.mark.parametrize("mode", [None, "int8"])
 def test_the_moellava_benchmark_counts_the_bytes_a_decode_token_reads_as_held(mode):
     """benchmarks.e2e_moellava's bytes per decode token, against a count written from the config here: fp32 4 bytes a
-    weight; int8 1 byte a weight + one bf16 scale per output row (the linears and the experts), the rest bf16."""
+    weight; int8 1 byte a weight + one scale per output row (the linears and the experts; bf16, fp32 as FBGEMM
+    holds it), the rest bf16."""
     from moevl.benchmarks.e2e_moellava import measured_bytes_per_decode_step
 
     s = moevl.load("moellava-tiny-random", device="cpu", dtype="fp32" if mode is None else "bf16", quantize=mode)
@@ -326,7 +333,7 @@ def test_the_moellava_benchmark_counts_the_bytes_a_decode_token_reads_as_held(mo
     fl = 4 if mode is None else 2
 
     def linear(o, i, bias=True):  # weight as held + bias (float)
-        return (o * i * fl if mode is None else o * i + 2 * o) + (o * fl if bias else 0)
+        return (o * i * fl if mode is None else o * i + INT8_SCALE_BYTES * o) + (o * fl if bias else 0)
 
     norms = 2 * h * fl  # one LayerNorm (weight + bias) per Phi layer
     attn = 4 * linear(h, h)
