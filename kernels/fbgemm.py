@@ -25,8 +25,8 @@ own dynamic quantisation does.
 The default for int8 on CPUs with VNNI (MOEVL_CPU_QUANT_KERNEL unset or "auto", kernels/quant.py); elsewhere, or
 with MOEVL_CPU_QUANT_KERNEL=aten, the ATen kernel keeps bf16 activations (weight-only). The accuracy the int8
 activations cost is measured by ``benchmarks.quality`` on the trained defaults (the ``torch bf16 int8 fbgemm`` row:
-within 1 point of fp32 on every task). torch marks its quantised-tensor constructors deprecated for a future release; the kit pins torch 2.13.0,
-and ``available()`` turns the layout off where they are gone.
+within 1 point of fp32 on every task). torch marks its quantised-tensor constructors deprecated for a future
+release; the kit pins torch 2.13.0, and ``available()`` turns the layout off where they are gone.
 """
 from __future__ import annotations
 

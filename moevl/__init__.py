@@ -77,9 +77,10 @@ def load(spec, device="auto", backend: str = "torch", dtype=None, strict_npu=Non
       NPU only: ``strict_npu`` makes an op falling back to the CPU an error (None = on for npu-emulated, off for
       npu); ``compile`` runs the decode step in the device's graph mode (TorchAir; not verified on hardware).
       Family options: Awaker ``routing``, ``base``; MoE-LLaVA ``moe_routing``, ``moe_seed``, ``vision_tower``;
-      both ``max_context``. ``quantize`` "int8" | "int4": weight-only quantisation of the base linears,
-      MoE-LLaVA's experts and lm_head (int8 per channel, int4 per group of 128; moevl.kernels.quant); a folder written by
-      ``moevl quantize`` is already quantised and loads without the fp32 weights.
+      both ``max_context``. ``quantize`` "int8" | "int4": weight quantisation of the base linears,
+      MoE-LLaVA's experts and lm_head (int8 per channel, int4 per group of 128; moevl.kernels.quant; on a CPU with
+      VNNI int8 runs on FBGEMM with int8 activations per row, ``MOEVL_CPU_QUANT_KERNEL=aten`` keeps it weight-only);
+      a folder written by ``moevl quantize`` is already quantised and loads without the fp32 weights.
     backend "ort" / "om": ``spec`` is a folder written by ``moevl export onnx`` / ``moevl export om``; options
       ``provider`` (cpu | cuda | cann), ``quantize`` ("int8"), ``threads``, ``max_context`` (ort), and the NPU
       index from ``device`` ("npu:N") for om.

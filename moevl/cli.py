@@ -192,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch (default), ort (an exported ONNX folder), om (Ascend OM folder)")
     p.add_argument("--provider", default=None, help="ONNX Runtime execution provider: cpu (default) | cuda | cann")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                   help="torch: weight-only int8 (per channel) / int4 (group 128) base linears; ort: int8 only "
-                        "(dynamic int8 decoder)")
+                   help="torch: int8 (per channel) / int4 (group 128) weights of the base linears (int8 on a VNNI "
+                        "CPU runs FBGEMM with int8 activations per row; MOEVL_CPU_QUANT_KERNEL=aten keeps bf16 "
+                        "activations); ort: int8 only (dynamic int8 decoder)")
     p.add_argument("--moe-routing", default=None, choices=["deterministic", "deepspeed"],
                    help="MoE-LLaVA: deterministic top-2 (default) or the original's Gumbel second expert")
     p.add_argument("--vision-tower", default=None, help="MoE-LLaVA: local CLIP/SigLIP folder")
