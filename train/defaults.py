@@ -11,7 +11,7 @@ What it does (every step through the public training API, ``moevl.train.recipe.r
      Qwen2-VL's pretrained ViT), then a base (no adapters) trained from scratch on captions with that tower frozen
      (stage 0, in two runs: a second one at a lower peak rate), then stages 1, 2, 3 on the mix; moellava-tiny: its
      CLIP tower likewise (the stand-in for CLIP), a dense base trained on captions likewise, then on the mix
-     (stage 0 again, MoE-LLaVA's dense instruction stage), then MoE-tuning (stage moe);
+     (stage 0 again, twice: MoE-LLaVA's dense instruction stage), then MoE-tuning (stage moe);
   4. each model evaluated on the validation split (``moevl.train.evaluate``);
   5. ``--install``: the final weights + tokenizer + processor + measured quality written to model/assets/<preset>/,
      where the presets load them from.
@@ -45,9 +45,9 @@ class BuildPlan:
     """Record counts and steps of each stage (the full build; --smoke shrinks them)."""
 
     captions: int = 40000         # stage-0 caption records (both languages)
-    mix: int = 72000              # multi-task records for awaker-tiny's later stages
+    mix: int = 72000              # multi-task records for both models' question stages
     # the first records of the mix (a smaller set is the first records of a larger one, moevl.train.data.plan):
-    # the tokenizer's text and moellava-tiny's question stages
+    # the tokenizer's text
     mix_shared: int = 24000
     validation: int = 1000        # per task and language: 5 x 2 x 1000 = 10000 records, another seed
     batch: int = 16
@@ -59,22 +59,22 @@ class BuildPlan:
     steps: dict = dataclasses.field(default_factory=lambda: {
         "awaker.v": 1600, "awaker.0": 4500, "awaker.0b": 1200, "awaker.0mix": 3000, "awaker.0mix2": 3000,
         "awaker.1": 300, "awaker.2": 250,
-        "awaker.3": 250, "moellava.v": 4000, "moellava.0": 6000, "moellava.0b": 2000, "moellava.0mix": 3600,
-        "moellava.moe": 400})
+        "awaker.3": 250, "moellava.v": 4000, "moellava.0": 6000, "moellava.0b": 2000, "moellava.0mix": 3000,
+        "moellava.0mix2": 3000, "moellava.moe": 400})
     lr: dict = dataclasses.field(default_factory=lambda: {
         "awaker.v": 2e-3, "awaker.0": 3e-3, "awaker.0b": 1.5e-3, "awaker.0mix": 1e-3, "awaker.0mix2": 1e-3,
         "awaker.1": 3e-3,
         "awaker.2": 1.5e-3, "awaker.3": 1.5e-3, "moellava.v": 2e-3, "moellava.0": 3e-3, "moellava.0b": 1.5e-3,
-        "moellava.0mix": 1e-3, "moellava.moe": 1e-3})
+        "moellava.0mix": 1e-3, "moellava.0mix2": 1e-3, "moellava.moe": 1e-3})
     batches: dict = dataclasses.field(default_factory=lambda: {  # else ``batch``
         "awaker.v": 32, "moellava.v": 32, "awaker.0mix": 64, "awaker.0mix2": 64, "awaker.1": 64, "awaker.2": 64,
-        "awaker.3": 64, "moellava.0mix": 64, "moellava.moe": 64})
-    # awaker-tiny's full-weight question stages weigh every record the same (TrainSettings.loss_average; else the
+        "awaker.3": 64, "moellava.0mix": 64, "moellava.0mix2": 64, "moellava.moe": 64})
+    # both models' full-weight question stages weigh every record the same (TrainSettings.loss_average; else the
     # token mean) and run twice 3,000 steps (the second a new cosine cycle, another data order): the question lookups
     # (colour, shape, position: binding the question's words to the right image tokens) were learned in the second
     # (600 validation questions: colour 62 -> 98 %, shape 88 -> 99 %, position 56 -> 78 %)
-    loss_average: dict = dataclasses.field(default_factory=lambda: {"awaker.0mix": "record",
-                                                                   "awaker.0mix2": "record"})
+    loss_average: dict = dataclasses.field(default_factory=lambda: {
+        "awaker.0mix": "record", "awaker.0mix2": "record", "moellava.0mix": "record", "moellava.0mix2": "record"})
     lora_rank: int = 32
     lora_alpha: float = 64.0
 
@@ -205,9 +205,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
     timings["data"] = round(time.time() - t0, 1)
 
     from moevl.train.data import load_records
-    from moevl.train.examples import read_records
 
-    shared = read_records(mix)[:plan.mix_shared]  # moellava-tiny's question stages
     assets = {"awaker": out / "assets" / "awaker-tiny", "moellava": out / "assets" / "moellava-tiny"}
     mcfg = moellava_config()
     if not (assets["awaker"] / "tokenizer.json").is_file():
@@ -251,8 +249,9 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         sv = stage("moellava.v", init, captions, "vision", m / "stage-vision")
         s0 = stage("moellava.0", sv, captions, "0", m / "stage0", freeze_vision=True)
         s0 = stage("moellava.0b", s0, captions, "0", m / "stage0b", freeze_vision=True)
-        s0m = stage("moellava.0mix", s0, mix, "0", m / "stage0-mix", records=shared, freeze_vision=True)
-        finals["moellava"] = stage("moellava.moe", s0m, mix, "moe", m / "stage-moe", records=shared)
+        s0 = stage("moellava.0mix", s0, mix, "0", m / "stage0-mix", freeze_vision=True)
+        s0 = stage("moellava.0mix2", s0, mix, "0", m / "stage0-mix2", seed_offset=1, freeze_vision=True)
+        finals["moellava"] = stage("moellava.moe", s0, mix, "moe", m / "stage-moe")
     timings["train_total"] = round(time.time() - t0, 1)
 
     ci = data("ci-sample", CI_SAMPLE, VALIDATION_SEED + seed)
