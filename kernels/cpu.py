@@ -140,15 +140,21 @@ def store_lora_b(model) -> None:
                     b.data = b.data.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def new_expand(like: torch.Tensor, lead: tuple, rank: int, out: int) -> torch.Tensor:
+    """Zeros for B^T [*lead, rank, out] in the memory order ``expand_out_major`` picks for ``like``'s dtype and
+    device (a transposed view of [*lead, out, rank] where out-major)."""
+    if expand_out_major(like.dtype, like.device):
+        return like.new_zeros(*lead, out, rank).transpose(-1, -2)
+    return like.new_zeros(*lead, rank, out)
+
+
 def stack_expand(bts, scales) -> torch.Tensor:
     """[s_1 B_1^T; s_2 B_2^T; ...] -> B^T [R, out], in the layout ``expand_out_major`` picks for its dtype."""
     r, out = bts[0].shape
-    if not expand_out_major(bts[0].dtype, bts[0].device):
-        return torch.cat([b * s for b, s in zip(bts, scales)])
-    b_out = bts[0].new_empty(out, r * len(bts))  # [out, R]
+    bt = new_expand(bts[0], (), r * len(bts), out)
     for i, (b, s) in enumerate(zip(bts, scales)):
-        torch.mul(b.t(), s, out=b_out[:, i * r:(i + 1) * r])
-    return b_out.t()
+        torch.mul(b, s, out=bt[i * r:(i + 1) * r])
+    return bt
 
 
 def _apply_views(x, weight, bias, plan: ViewLoraPlan):

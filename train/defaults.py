@@ -215,7 +215,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         write_tokenizers(corpus(load_records(captions) + load_records(mix)[:plan.mix_shared]), assets["awaker"],
                          assets["moellava"], mcfg.vision.image_size)
 
-    def stage(key, model, data_json, st, dest, records=None, seed_offset=0, **opts):
+    def stage(key, model, data_json, st, dest, seed_offset=0, **opts):
         if (dest / "moevl_config.json").is_file():  # done by an earlier (interrupted) run of the build
             return dest
         t = time.time()
@@ -224,7 +224,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
                                  loss_average=plan.loss_average.get(key, "token"))
         run_stage(model, data_json, st, dest, "cpu", settings,
                   StageOptions(lora_rank=plan.lora_rank, lora_alpha=plan.lora_alpha, **opts), resume=True,
-                  force=True, progress=progress, records=records, log=log)
+                  force=True, progress=progress, log=log)
         timings[key] = round(time.time() - t, 1)
         return dest
 

@@ -213,7 +213,7 @@ class AwakerRows:
     @staticmethod
     def _layer_slots(layer, max_batch: int) -> dict:
         """{linear: (A [max_batch, R, in], B^T [max_batch, R, out])}, R = 2r (r for plain LoRA)."""
-        from moevl.kernels.cpu import expand_out_major
+        from moevl.kernels.cpu import new_expand
 
         mods = {"o_proj": layer.self_attn.o_proj, "gate_proj": layer.mlp.gate_proj,
                 "up_proj": layer.mlp.up_proj, "down_proj": layer.mlp.down_proj}
@@ -221,11 +221,8 @@ class AwakerRows:
         for name, mod in mods.items():
             x, r, _ = mod.lora_A.shape
             rank = r if x == 1 else 2 * r
-            if expand_out_major(mod.lora_A.dtype, mod.lora_A.device):
-                bt = mod.lora_A.new_zeros(max_batch, mod.out_features, rank).transpose(1, 2)
-            else:
-                bt = mod.lora_A.new_zeros(max_batch, rank, mod.out_features)
-            out[name] = (mod.lora_A.new_zeros(max_batch, rank, mod.in_features), bt)
+            out[name] = (mod.lora_A.new_zeros(max_batch, rank, mod.in_features),
+                         new_expand(mod.lora_A, (max_batch,), rank, mod.out_features))
         return out
 
     def _decode_routing(self, n: int):
