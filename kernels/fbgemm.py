@@ -38,7 +38,6 @@ import torch
 
 
 @functools.cache
-@functools.lru_cache(maxsize=None)
 def vnni() -> bool:
     """Whether the CPU has 8-bit dot products without 16-bit saturation (avx512_vnni / avx_vnni / AMX-int8)."""
     try:

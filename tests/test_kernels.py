@@ -167,11 +167,16 @@ def test_backends_are_registered():
         assert get_kernels(name).moe_ffn is not None
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rank_major", [False, True])
-def test_single_request_plan_serves_prefill_then_decode(rank_major, dtype):
-    """Batch 1 on the CPU: views at prefill (T > 1), stacked once at the first T = 1 step; both equal the
-    reference, with lora_B stored either way (rank-major as fp32 models keep it, store_lora_b)."""
+def test_single_request_plan_serves_prefill_then_decode(rank_major, dtype, pack, monkeypatch):
+    """Batch 1 on the CPU: views at prefill (T > 1), stacked once at the first T = 1 step (and packed for oneDNN in
+    bf16 where cpu.pack_lora); every step equals the reference, with lora_B stored either way (rank-major as
+    fp32 models keep it, store_lora_b)."""
+    monkeypatch.setattr(cpu, "PACK_LORA", pack)
+    # the packed path's numerics wherever oneDNN runs bf16 at all (the kit packs only with native bf16)
+    monkeypatch.setattr(cpu, "onednn_bf16_native", torch.ops.mkldnn._is_mkldnn_bf16_supported)
     x, W, bias, A, B, expert, scales = lora_case(1, 6, 37, 53, 256, 5, dtype)
     if rank_major:
         B = B.transpose(1, 2).contiguous().transpose(1, 2)
@@ -182,9 +187,35 @@ def test_single_request_plan_serves_prefill_then_decode(rank_major, dtype):
         step = x[:, t:t + 1]
         close(cpu.lora_moe_linear(step, W, bias, plan), reference.lora_moe_linear(step, W, bias, ref_plan), dtype)
     assert len(plan.stacked) == 1  # stacked once, reused
-    # the decode expand's weight in the memory order measured faster for the dtype (cpu.expand_out_major)
-    bt = plan.stacked[0].lora_Bt[0]  # [2r, out]
-    assert (bt.t() if dtype == torch.bfloat16 else bt).is_contiguous()
+    packed = pack and dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert isinstance(plan.stacked[0], cpu.PackedLoraPlan) == packed
+    if not packed:  # the decode expand's weight in the memory order measured faster for the dtype
+        bt = plan.stacked[0].lora_Bt[0]  # [2r, out]
+        assert (bt.t() if dtype != torch.float32 else bt).is_contiguous()
+
+
+def test_bf16_packing_needs_native_bf16_and_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(cpu, "onednn_bf16_native", lambda: True)
+    assert cpu.pack_lora(torch.bfloat16, "cpu")
+    assert not cpu.pack_lora(torch.float16, "cpu") and not cpu.pack_lora(torch.float32, "cpu")
+    assert not cpu.pack_lora(torch.bfloat16, "meta")
+    monkeypatch.setattr(cpu, "PACK_LORA", False)
+    assert not cpu.pack_lora(torch.bfloat16, "cpu")
+    monkeypatch.setattr(cpu, "PACK_LORA", True)
+    monkeypatch.setattr(cpu, "onednn_bf16_native", lambda: False)
+    assert not cpu.pack_lora(torch.bfloat16, "cpu")
+
+
+def test_packed_plan_is_not_made_under_autograd():
+    """Trainable adapters (requires_grad, grad enabled): the decode stack stays plain (oneDNN's packed product has
+    no autograd), and the gradient flows into the adapters."""
+    x, W, bias, A, B, expert, scales = lora_case(1, 2, 16, 24, 8, 3, torch.bfloat16)
+    A.requires_grad_(True)
+    plan = cpu.lora_moe_prepare(A, B, expert, scales)
+    y = cpu.lora_moe_linear(x[:, :1], W, bias, plan)
+    assert isinstance(plan.stacked[0], cpu.StackedLoraPlan)
+    y.float().sum().backward()
+    assert A.grad is not None and A.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
