@@ -180,7 +180,8 @@ def render(results: list[dict], meta: dict) -> str:
     lines = [f"# PyTorch eager vs ONNX Runtime (fp32, dynamic int8) on {meta['cpu']}", "",
              f"CPU flags: {', '.join(meta.get('cpu_flags') or []) or 'not recorded'}.  ",
              f"Command: `{meta['command']}`  ", f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, "
-             f"{meta['threads']} threads, batch 1, greedy, medians over {results[0]['repeats']} repeats.", "",
+             f"{meta['threads']} threads, batch 1, greedy, medians over repeats ("
+             + ", ".join(f"{r['config']}: {r['repeats']}" for r in results) + ").", "",
              "| config | runtime | TTFT ms | decode ms/token | decode speed-up vs PyTorch | tokens vs reference |",
              "|---|---|---|---|---|---|"]
     for r in results:
