@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from moevl.kernels import moe, quant, reference
 from moevl.kernels.dispatch import Kernels, _BACKENDS, register_backend
@@ -64,20 +65,24 @@ class ViewLoraPlan(NamedTuple):
 
 
 class PackedLoraPlan(NamedTuple):
-    """Batch-1 decode on the CPU in bf16 / fp16: a ViewLoraPlan's experts stacked once (as StackedLoraPlan) and
-    reordered into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``), streamed by
-    ``mkldnn._linear_pointwise``. A [R, in] and B [out, R] (scales folded in) as opaque packed weights."""
+    """Batch-1 decode on the CPU in bf16: a ViewLoraPlan's experts stacked (A [R, in], B [out, R], unscaled) and
+    reordered into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``; opaque), streamed by
+    ``mkldnn._linear_pointwise``; the request's gate scales [R] multiply the rank-R activations."""
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
+    scales: torch.Tensor
 
 
 # Pack the batch-1 decode stack for oneDNN in bf16 on CPUs with native bf16 dot products (avx512_bf16 / AMX).
 # Measured streaming distinct weights (AMD EPYC, 2 threads, R = 512, bf16): packed 32-35 GB/s vs 16-29 GB/s for
-# mm / addmm on the plain stack, per shape. The packing is a second copy of the request's stack at its first decode
-# step: at 7B width (2 layers, rank 256) ~+40 ms once for ~4-5 ms less per decode step. fp16 is not packed (oneDNN
-# needs avx512_fp16 / avx_ne_convert for it; not measured). MOEVL_CPU_PACK_LORA=0 turns it off.
+# mm / addmm on the plain stack, per shape. Packing costs about two copies of the stack: at 7B width (2 layers,
+# rank 256) ~+40 ms at a request's first decode step, for ~4-5 ms less per later step. The last packed stack of
+# each linear is kept (PACKED, weakly keyed by the adapter tensor) and reused by the next request that picks the
+# same experts, so it costs memory for one request's experts between requests. fp16 is not packed (oneDNN needs
+# avx512_fp16 / avx_ne_convert for it; not measured). MOEVL_CPU_PACK_LORA=0 turns it off.
 PACK_LORA = os.environ.get("MOEVL_CPU_PACK_LORA", "1") != "0"
+PACKED = WeakIdKeyDictionary()  # lora_A parameter -> (key, packed A, packed B): the last stack packed for it
 
 
 @functools.cache
@@ -98,6 +103,27 @@ def pack_lora(dtype, device) -> bool:
 
 def _packed_linear(x2, packed):
     return torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "")
+
+
+def pack_view_plan(plan: "ViewLoraPlan") -> PackedLoraPlan:
+    """The packed decode stack of a batch-1 plan, reused from PACKED when the same expert slices of the same,
+    unmodified adapter tensors were packed last (the key holds their addresses and version counters)."""
+    r = plan.lora_A[0].shape[0]
+    scales = torch.cat([s.expand(r) for s in plan.scales]).to(plan.lora_A[0].dtype)
+    owner = plan.lora_A[0]._base
+    key = (tuple(a.data_ptr() for a in plan.lora_A), tuple(b.data_ptr() for b in plan.lora_Bt),
+           tuple(a._version for a in plan.lora_A), tuple(b._version for b in plan.lora_Bt),
+           plan.lora_A[0].shape, plan.lora_Bt[0].shape)
+    hit = PACKED.get(owner) if owner is not None else None
+    if hit is not None and hit[0] == key:
+        return PackedLoraPlan(hit[1], hit[2], scales)
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    A = torch.cat(plan.lora_A)  # [R, in]
+    B = torch.cat([bt.t() for bt in plan.lora_Bt], dim=1)  # [out, R]
+    packed = PackedLoraPlan(reorder(A, 1), reorder(B, 1), scales)
+    if owner is not None:
+        PACKED[owner] = (key, packed.lora_A, packed.lora_B)
+    return packed
 
 
 def lora_moe_prepare(lora_A, lora_B, expert, scales):
@@ -247,13 +273,12 @@ def lora_moe_linear(x, weight, bias, plan):
         if x.shape[1] > 1:
             return _apply_views(x, weight, bias, plan)
         if not plan.stacked:
-            A = torch.cat(plan.lora_A)  # [R, in]
-            Bt = stack_expand(plan.lora_Bt, plan.scales)  # [R, out]
-            if pack_lora(A.dtype, A.device) and not A.requires_grad:
-                reorder = torch.ops.mkldnn._reorder_linear_weight
-                plan.stacked.append(PackedLoraPlan(reorder(A, 1), reorder(Bt.t().contiguous(), 1)))
+            a0 = plan.lora_A[0]
+            if pack_lora(a0.dtype, a0.device) and not (torch.is_grad_enabled() and a0.requires_grad):
+                plan.stacked.append(pack_view_plan(plan))
             else:
-                plan.stacked.append(StackedLoraPlan(A[None], Bt[None]))
+                A = torch.cat(plan.lora_A)[None]  # [1, R, in]
+                plan.stacked.append(StackedLoraPlan(A, stack_expand(plan.lora_Bt, plan.scales)[None]))
         plan = plan.stacked[0]
         if isinstance(plan, PackedLoraPlan):
             x2 = x[0].contiguous()
@@ -261,7 +286,8 @@ def lora_moe_linear(x, weight, bias, plan):
                 raise RuntimeError("a packed LoRA decode plan (kernels.cpu.PackedLoraPlan) is inference-only: run "
                                    "decode under torch.no_grad(), or train with lora_moe_linear_autograd")
             y = linear(x2, weight, bias)
-            return y.add_(_packed_linear(_packed_linear(x2, plan.lora_A), plan.lora_B)).unsqueeze(0)
+            h = _packed_linear(x2, plan.lora_A).mul_(plan.scales)  # [T, R], the gate scales per rank block
+            return y.add_(_packed_linear(h, plan.lora_B)).unsqueeze(0)
     if plan.merged is not None:
         if not plan.merged:
             plan.merged.append(merge_lora_plan(weight, plan))

@@ -206,6 +206,56 @@ def test_bf16_packing_needs_native_bf16_and_can_be_turned_off(monkeypatch):
     assert not cpu.pack_lora(torch.bfloat16, "cpu")
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 on this CPU")
+def test_packed_stack_is_reused_only_for_the_same_unchanged_experts(monkeypatch):
+    """The next request with the same experts reuses the packed stack (its own gate scales applied); another
+    expert, or adapters changed in place, are packed anew, and every answer equals the reference."""
+    monkeypatch.setattr(cpu, "onednn_bf16_native", lambda: True)
+    monkeypatch.setattr(cpu, "PACK_LORA", True)
+    x, W, bias, A, B, expert, scales = lora_case(1, 1, 64, 96, 16, 4, torch.bfloat16)
+
+    def decode(expert, scales):
+        plan = cpu.lora_moe_prepare(A, B, expert, scales)
+        out = cpu.lora_moe_linear(x, W, bias, plan)
+        close(out, reference.lora_moe_linear(x, W, bias, reference.lora_moe_prepare(A, B, expert, scales)),
+              torch.bfloat16)
+        return plan.stacked[0]
+
+    first = decode(expert, scales)
+    again = decode(expert, scales.flip(1))  # same experts, other gate weights
+    assert again.lora_A is first.lora_A and again.lora_B is first.lora_B
+    assert not torch.equal(again.scales, first.scales)
+    other = decode(torch.tensor([2]), scales)
+    assert other.lora_A is not first.lora_A and len(cpu.PACKED) >= 1
+    with torch.no_grad():
+        A.mul_(-1.0)  # in place: the version counter moves, the addresses do not
+    changed = decode(torch.tensor([2]), scales)
+    assert changed.lora_A is not other.lora_A
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 on this CPU")
+def test_a_bf16_session_decodes_through_the_packed_stack(monkeypatch):
+    """Through moevl.load and ask (not only the kernel): batch-1 bf16 decode packs every adapted linear's stack,
+    and the answer is the one the plain stack gives."""
+    import moevl
+
+    monkeypatch.setattr(cpu, "onednn_bf16_native", lambda: True)
+    packed = []
+    real = cpu.pack_view_plan
+    monkeypatch.setattr(cpu, "pack_view_plan", lambda plan: packed.append(1) or real(plan))
+    s = moevl.load("awaker-tiny", device="cpu", dtype="bf16")
+    from moevl.model.tiny import DEMO_IMAGE
+
+    ask = dict(images=[[str(DEMO_IMAGE)]], max_new_tokens=12, temperature=0.0)
+    monkeypatch.setattr(cpu, "PACK_LORA", False)
+    plain = s.ask(["Describe the image."], **ask).texts
+    assert not packed
+    monkeypatch.setattr(cpu, "PACK_LORA", True)
+    assert s.ask(["Describe the image."], **ask).texts == plain
+    adapted = sum(1 for m in s.model.modules() if getattr(m, "lora_A", None) is not None)
+    assert len(packed) == adapted > 0
+
+
 def test_packed_plan_is_not_made_under_autograd():
     """Trainable adapters (requires_grad, grad enabled): the decode stack stays plain (oneDNN's packed product has
     no autograd), and the gradient flows into the adapters."""
