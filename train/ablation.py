@@ -52,13 +52,21 @@ def run(build: Path, out: Path, per_pair: int, batch_size: int = 32, control: Pa
         report.pop("predictions")
         results[name] = report
         print(f"{name}: {report['overall']['accuracy']:.3f} ({time.time() - t:.0f} s)", file=sys.stderr)
-    build_info = json.loads((build / "build.json").read_text()) if (build / "build.json").is_file() else {}
+    build_info = build_record(build)
     summary = {"build": str(build), "control": str(control) if control else None, "per_pair": per_pair, "n": results[STAGES[0][0]]["n"],
                "cpu": cpu_model_name(), "python": platform.python_version(),
                "steps": stage_plan(build_info), "results": results}
     out.with_suffix(".json").write_text(json.dumps(summary, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     out.write_text(render(summary), encoding="utf-8")
     return summary
+
+
+def build_record(build: Path) -> dict:
+    """The record a defaults build wrote: build.json (both models) or build-awaker.json (awaker-tiny alone); {}."""
+    for path in (build / "build.json", build / "build-awaker.json"):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
 
 
 def stage_plan(build_info: dict) -> dict:
