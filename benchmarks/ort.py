@@ -28,12 +28,6 @@ CONFIGS = ("tiny", "7b-width")
 SIDE_BY_SIDE = ("7b-width",)  # configurations where ours int8 is timed in turn with ORT int8
 
 
-def quant_describe(model):
-    from moevl.kernels import quant
-
-    return quant.describe(model)
-
-
 def build_session(name: str):
     import moevl
     from moevl.ascend.device import resolve_device
@@ -127,6 +121,7 @@ def agreement(ref: list[int], got: list[int]) -> dict:
 def run_config(name: str, prompt_len: int, tokens: int, repeats: int, threads: int | None, log) -> dict:
     from moevl.export.onnx import export_onnx
     from moevl.export.session import open_ort
+    from moevl.kernels import quant
 
     torch.manual_seed(0)
     session = build_session(name)
@@ -160,7 +155,7 @@ def run_config(name: str, prompt_len: int, tokens: int, repeats: int, threads: i
             log(f"[{name}] ours int8 and ONNX Runtime int8, side by side")
             both = alternate({"ort_int8": ort8, "torch_int8": ours8}, batch, tokens, repeats)
             res.update(both)
-            res["torch_int8_kernels"] = (quant_describe(ours8.model) or {}).get("kernels")
+            res["torch_int8_kernels"] = (quant.describe(ours8.model) or {}).get("kernels")
             ratios = [a[1] / b[1] for a, b in zip(both["torch_int8"]["per_repeat"], both["ort_int8"]["per_repeat"])]
             res["torch_int8_vs_ort_int8_decode"] = round(statistics.median(ratios), 3)
         del ort8, ours8

@@ -54,8 +54,9 @@ class ViewLoraPlan(NamedTuple):
 
     lora_A: (A_k, A_g) [r, in] each; lora_Bt: (B_k^T, B_g^T) [r, out] each (views of lora_B: contiguous when it
     is stored rank-major, see ``store_lora_b``); scales: (s_k, s_g) as [1]-tensors, applied to the rank-r activations.
-    Prefill runs on the views; the first single-token step stacks them once into a StackedLoraPlan (cached in
-    ``stacked``), whose one contiguous rank-2r GEMV pair is ~2% faster per decode step than two pairs on views.
+    Prefill runs on the views; the first single-token step stacks them once (cached in ``stacked``): a
+    PackedLoraPlan where ``pack_lora`` (bf16), else a StackedLoraPlan, whose one contiguous rank-2r GEMV pair is ~2%
+    faster per decode step than two pairs on views.
     """
 
     lora_A: tuple
@@ -76,11 +77,12 @@ class PackedLoraPlan(NamedTuple):
 
 # Pack the batch-1 decode stack for oneDNN in bf16 on CPUs with native bf16 dot products (avx512_bf16 / AMX).
 # Measured streaming distinct weights (AMD EPYC, 2 threads, R = 512, bf16): packed 32-35 GB/s vs 16-29 GB/s for
-# mm / addmm on the plain stack, per shape. Packing costs about two copies of the stack: at 7B width (2 layers,
-# rank 256) ~+40 ms at a request's first decode step, for ~4-5 ms less per later step. The last packed stack of
-# each linear is kept (PACKED, weakly keyed by the adapter tensor) and reused by the next request that picks the
-# same experts, so it costs memory for one request's experts between requests. fp16 is not packed (oneDNN needs
-# avx512_fp16 / avx_ne_convert for it; not measured). MOEVL_CPU_PACK_LORA=0 turns it off.
+# mm / addmm on the plain stack, per shape; at 7B width (2 layers, rank 256, int8 base on FBGEMM) a decode step took
+# 37.9 vs 44.0 ms. The last packed stack of each linear is kept (PACKED, weakly keyed by the adapter tensor; the key
+# holds the slices' addresses and version counters, so weights changed in place are packed anew) and reused by the
+# next request that picks the same experts: its first decode step then took 47 ms, 85 ms when packed anew, 95 ms
+# with the plain stack's copies. It costs memory for one request's experts per linear between requests. fp16 is not
+# packed (oneDNN needs avx512_fp16 / avx_ne_convert for it; not measured). MOEVL_CPU_PACK_LORA=0 turns it off.
 PACK_LORA = os.environ.get("MOEVL_CPU_PACK_LORA", "1") != "0"
 PACKED = WeakIdKeyDictionary()  # lora_A parameter -> (key, packed A, packed B): the last stack packed for it
 
