@@ -83,7 +83,16 @@ class PackedLoraPlan(NamedTuple):
 # next request that picks the same experts: its first decode step then took 47 ms, 85 ms when packed anew, 95 ms
 # with the plain stack's copies. It costs memory for one request's experts per linear between requests. fp16 is not
 # packed (oneDNN needs avx512_fp16 / avx_ne_convert for it; not measured). MOEVL_CPU_PACK_LORA=0 turns it off.
-PACK_LORA = os.environ.get("MOEVL_CPU_PACK_LORA", "1") != "0"
+PACK_LORA = os.environ.get("MOEVL_CPU_PACK_LORA", "1") != "0"  # checked, and set again, at placement
+
+
+def pack_lora_setting() -> bool:
+    """MOEVL_CPU_PACK_LORA: "1" (or unset) packs, "0" does not; anything else is an error naming the variable."""
+    value = os.environ.get("MOEVL_CPU_PACK_LORA", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"MOEVL_CPU_PACK_LORA={value!r}: set it to 1 (pack the bf16 LoRA decode stack for oneDNN, "
+                         "the default) or 0 (plain stacks)")
+    return value == "1"
 PACKED = WeakIdKeyDictionary()  # lora_A parameter -> (key, packed A, packed B): the last stack packed for it
 
 
@@ -433,9 +442,8 @@ def prepare_weights_cpu(model) -> None:
     MLAS, where measured faster per shape) | mlas (faster, at about 2.2x the weight's memory); large dense
     base weights take the layout measured fastest for their shape on this CPU (MKL plain, oneDNN packed or OpenBLAS
     one-row products; ``MOEVL_CPU_LAYOUT`` = auto | plain | onednn | openblas overrides); the adapters' lora_B in the
-    memory order its products want (``store_lora_b``)."""
-    import functools
-    import os
+    memory order its products want (``store_lora_b``); ``MOEVL_CPU_PACK_LORA`` = 1 | 0 (``pack_lora``)."""
+    global PACK_LORA
 
     policy = os.environ.get("MOEVL_CPU_QUANT_KERNEL", "auto")
     if policy not in quant.QUANT_KERNEL_POLICIES:
@@ -443,6 +451,7 @@ def prepare_weights_cpu(model) -> None:
                          f"{', '.join(quant.QUANT_KERNEL_POLICIES)} (or unset it: auto)")
     quant.bind_all(model, functools.partial(quant.bind_cpu, policy=policy))
     quant.choose_dense_layouts(model, os.environ.get("MOEVL_CPU_LAYOUT", "auto"))
+    PACK_LORA = pack_lora_setting()
     store_lora_b(model)
 
 

@@ -281,3 +281,31 @@ def test_lora_b_storage_follows_the_dtype_and_keeps_the_values(dtype):
     # bf16: [X, out, r] as is; fp32: rank-major ([X, r, out] in memory)
     assert lin.lora_B.is_contiguous() == (dtype == torch.bfloat16)
     assert lin.lora_B.transpose(1, 2).is_contiguous() == (dtype == torch.float32)
+
+
+def test_a_bad_pack_setting_is_one_line_naming_the_variable(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MOEVL_CPU_PACK_LORA="false")
+    out = subprocess.run([sys.executable, "-m", "moevl.cli", "run", "--model", "awaker-tiny-random", "--prompt", "x",
+                          "--dtype", "bf16", "--max-new-tokens", "1"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MOEVL_CPU_PACK_LORA='false'" in lines[0], out.stderr
+
+
+def test_the_pack_setting_is_read_at_placement(monkeypatch):
+    from moevl.model.awaker.lora_moe import AdaptedLinear
+    from moevl.kernels import KernelRef
+
+    lin = AdaptedLinear(8, 12, False, 3, 4, KernelRef(get_kernels("cpu")))
+    monkeypatch.setattr(cpu, "PACK_LORA", True)
+    monkeypatch.setenv("MOEVL_CPU_PACK_LORA", "0")
+    cpu.prepare_weights_cpu(lin)
+    assert cpu.PACK_LORA is False
+    monkeypatch.setenv("MOEVL_CPU_PACK_LORA", "1")
+    cpu.prepare_weights_cpu(lin)
+    assert cpu.PACK_LORA is True
