@@ -9,6 +9,7 @@ dtype rules of a 910B or 310P, so NPU code paths (and the 310P's lack of bf16) c
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import platform
@@ -93,6 +94,21 @@ def chip_family_of_soc(soc_version: int) -> str | None:
     if 250 <= soc_version <= 256:
         return "A3"
     return None
+
+
+@functools.cache
+def cpu_flag_set() -> frozenset:
+    """This CPU's feature flags from /proc/cpuinfo (x86 "flags", aarch64 "Features"; the first processor's), read
+    once; empty where there is no /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def cpu_model_name() -> str:

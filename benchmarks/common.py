@@ -53,12 +53,9 @@ def cpu_flags() -> list[str]:
     """The CPU flags that decide which kernels are fast here (MKL vs oneDNN, bf16, int8)."""
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile",
               "avx_vnni")
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return []
-    return [f for f in wanted if f in flags]
+    from moevl.ascend.device import cpu_flag_set
+
+    return [f for f in wanted if f in cpu_flag_set()]
 
 
 def progress(total: int, desc: str, iterable=None, disable: bool | None = None):

@@ -22,13 +22,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from moevl.ascend.device import cpu_flag_set
 from moevl.kernels import moe, quant, reference
 from moevl.kernels.dispatch import Kernels, _BACKENDS, register_backend
 
@@ -99,11 +99,7 @@ PACKED = WeakIdKeyDictionary()  # lora_A parameter -> (key, packed A, packed B):
 @functools.cache
 def onednn_bf16_native() -> bool:
     """oneDNN has bf16 here and the CPU computes bf16 dot products natively (avx512_bf16 / amx_bf16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return (torch.backends.mkldnn.is_available() and any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    return (torch.backends.mkldnn.is_available() and bool(cpu_flag_set() & {"avx512_bf16", "amx_bf16"})
             and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 

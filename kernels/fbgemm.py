@@ -32,19 +32,15 @@ from __future__ import annotations
 
 import functools
 import warnings
-from pathlib import Path
 
 import torch
 
+from moevl.ascend.device import cpu_flag_set
 
-@functools.cache
+
 def vnni() -> bool:
     """Whether the CPU has 8-bit dot products without 16-bit saturation (avx512_vnni / avx_vnni / AMX-int8)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return bool(cpu_flag_set() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def _pack(q: torch.Tensor, scales: torch.Tensor):
