@@ -20,7 +20,7 @@ MARGIN = 0.03  # 3 of the 100 questions
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    plan = BuildPlan(captions=6, mix=10, validation=1, batch=2, steps={k: 1 for k in BuildPlan().steps},
+    plan = BuildPlan(captions=6, mix=10, fresh=6, validation=1, batch=2, steps={k: 1 for k in BuildPlan().steps},
                      batches={k: 2 for k in BuildPlan().batches}, lora_rank=2, lora_alpha=4.0)
     out = tmp_path_factory.mktemp("defaults")
     return out, build(out, seed=0, plan=plan, progress=False, log=lambda m: None)
@@ -28,8 +28,8 @@ def smoke(tmp_path_factory):
 
 def test_smoke_build_writes_every_stage_and_evaluates(smoke):
     tmp_path, summary = smoke
-    for stage in ("awaker/stage-vision", "moellava/stage-vision", "awaker/stage0", "awaker/stage1", "awaker/stage2", "awaker/stage3", "moellava/stage0",
-                  "moellava/stage0-mix", "moellava/stage-moe"):
+    for stage in ("awaker/stage-vision", "moellava/stage-vision", "awaker/stage0", "awaker/stage0-fresh", "awaker/stage1", "awaker/stage2", "awaker/stage3", "moellava/stage0",
+                  "moellava/stage0-mix", "moellava/stage0-fresh", "moellava/stage-moe"):
         assert (tmp_path / stage / "moevl_config.json").is_file(), stage
         assert (tmp_path / stage / "loss.jsonl").read_text().count("\n") == 1
     assert (tmp_path / "awaker/stage1/peft_adapter/adapter_model.safetensors").is_file()

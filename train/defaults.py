@@ -49,6 +49,9 @@ class BuildPlan:
     # the first records of the mix (a smaller set is the first records of a larger one, moevl.train.data.plan):
     # the tokenizer's text
     mix_shared: int = 24000
+    # a second multi-task set, another seed, for the last full-weight question cycle: every record is seen once
+    # (steps x batch of that cycle), where the earlier cycles saw the mix's records 2-3 times each
+    fresh: int = 115200
     validation: int = 1000        # per task and language: 5 x 2 x 1000 = 10000 records, another seed
     batch: int = 16
     # the vision tower learns to see from the scene annotations first (stage vision), then the language model
@@ -58,18 +61,18 @@ class BuildPlan:
     # 94 % colour at batch 64 and 73 % at batch 16)
     steps: dict = dataclasses.field(default_factory=lambda: {
         "awaker.v": 1600, "awaker.0": 4500, "awaker.0b": 1200, "awaker.0mix": 3000, "awaker.0mix2": 3000,
-        "awaker.0mix3": 1800, "awaker.1": 300, "awaker.2": 250,
+        "awaker.0mix3": 1800, "awaker.0fresh": 1800, "awaker.1": 300, "awaker.2": 250,
         "awaker.3": 250, "moellava.v": 4000, "moellava.0": 6000, "moellava.0b": 2000, "moellava.0mix": 3000,
-        "moellava.0mix2": 3000, "moellava.moe": 400})
+        "moellava.0mix2": 3000, "moellava.0fresh": 1800, "moellava.moe": 400})
     lr: dict = dataclasses.field(default_factory=lambda: {
         "awaker.v": 2e-3, "awaker.0": 3e-3, "awaker.0b": 1.5e-3, "awaker.0mix": 1e-3, "awaker.0mix2": 1e-3,
-        "awaker.0mix3": 1e-3, "awaker.1": 3e-3,
+        "awaker.0mix3": 1e-3, "awaker.0fresh": 1e-3, "awaker.1": 3e-3,
         "awaker.2": 1.5e-3, "awaker.3": 1.5e-3, "moellava.v": 2e-3, "moellava.0": 3e-3, "moellava.0b": 1.5e-3,
-        "moellava.0mix": 1e-3, "moellava.0mix2": 1e-3, "moellava.moe": 1e-3})
+        "moellava.0mix": 1e-3, "moellava.0mix2": 1e-3, "moellava.0fresh": 1e-3, "moellava.moe": 1e-3})
     batches: dict = dataclasses.field(default_factory=lambda: {  # else ``batch``
         "awaker.v": 32, "moellava.v": 32, "awaker.0mix": 64, "awaker.0mix2": 64, "awaker.0mix3": 64,
-        "awaker.1": 64, "awaker.2": 64,
-        "awaker.3": 64, "moellava.0mix": 64, "moellava.0mix2": 64, "moellava.moe": 64})
+        "awaker.0fresh": 64, "awaker.1": 64, "awaker.2": 64,
+        "awaker.3": 64, "moellava.0mix": 64, "moellava.0mix2": 64, "moellava.0fresh": 64, "moellava.moe": 64})
     # both models' full-weight question stages weigh every record the same (TrainSettings.loss_average; else the
     # token mean) and run twice 3,000 steps (the second a new cosine cycle, another data order): the question lookups
     # (colour, shape, position: binding the question's words to the right image tokens) were learned in the second
@@ -83,7 +86,7 @@ class BuildPlan:
 
     @classmethod
     def smoke(cls) -> "BuildPlan":
-        return cls(captions=40, mix=60, mix_shared=40, validation=2, batch=4, steps={k: 2 for k in cls().steps},
+        return cls(captions=40, mix=60, mix_shared=40, fresh=40, validation=2, batch=4, steps={k: 2 for k in cls().steps},
                    batches={k: 4 for k in cls().batches}, lora_rank=4, lora_alpha=8.0)
 
 
@@ -204,6 +207,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
 
     captions = data("captions", plan.captions, seed * 10 + 1, ("caption",))
     mix = data("mix", plan.mix, seed * 10 + 2)
+    fresh = data("mix-fresh", plan.fresh, seed * 10 + 3)
     validation = data("validation", plan.validation * 10, VALIDATION_SEED + seed)
     timings["data"] = round(time.time() - t0, 1)
 
@@ -242,6 +246,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         s0 = stage("awaker.0mix", s0, mix, "0", a / "stage0-mix", freeze_vision=True)
         s0 = stage("awaker.0mix2", s0, mix, "0", a / "stage0-mix2", seed_offset=1, freeze_vision=True)
         s0 = stage("awaker.0mix3", s0, mix, "0", a / "stage0-mix3", seed_offset=2, freeze_vision=True)
+        s0 = stage("awaker.0fresh", s0, fresh, "0", a / "stage0-fresh", seed_offset=3, freeze_vision=True)
         s1 = stage("awaker.1", s0, mix, "1", a / "stage1")
         s2 = stage("awaker.2", s1, mix, "2", a / "stage2")
         finals["awaker"] = stage("awaker.3", s2, mix, "3", a / "stage3")
@@ -255,6 +260,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         s0 = stage("moellava.0b", s0, captions, "0", m / "stage0b", freeze_vision=True)
         s0 = stage("moellava.0mix", s0, mix, "0", m / "stage0-mix", freeze_vision=True)
         s0 = stage("moellava.0mix2", s0, mix, "0", m / "stage0-mix2", seed_offset=1, freeze_vision=True)
+        s0 = stage("moellava.0fresh", s0, fresh, "0", m / "stage0-fresh", seed_offset=3, freeze_vision=True)
         finals["moellava"] = stage("moellava.moe", s0, mix, "moe", m / "stage-moe")
     timings["train_total"] = round(time.time() - t0, 1)
 
