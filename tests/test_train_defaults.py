@@ -28,8 +28,9 @@ def smoke(tmp_path_factory):
 
 def test_smoke_build_writes_every_stage_and_evaluates(smoke):
     tmp_path, summary = smoke
-    for stage in ("awaker/stage-vision", "moellava/stage-vision", "awaker/stage0", "awaker/stage0-fresh", "awaker/stage1", "awaker/stage2", "awaker/stage3", "moellava/stage0",
-                  "moellava/stage0-mix", "moellava/stage0-fresh", "moellava/stage-moe"):
+    for stage in ("awaker/stage-vision", "moellava/stage-vision", "awaker/stage0", "awaker/stage0-fresh", "awaker/stage0-fresh2", "awaker/stage1", "awaker/stage2", "awaker/stage3", "moellava/stage0",
+                  "moellava/stage0-mix", "moellava/stage0-fresh", "moellava/stage0-fresh2",
+                  "moellava/stage-moe"):
         assert (tmp_path / stage / "moevl_config.json").is_file(), stage
         assert (tmp_path / stage / "loss.jsonl").read_text().count("\n") == 1
     assert (tmp_path / "awaker/stage1/peft_adapter/adapter_model.safetensors").is_file()
@@ -105,3 +106,16 @@ def test_one_command_builds_both_models_side_by_side(tmp_path):
         assert summary["timings_s"][f"{name}.0"] == part["timings_s"][f"{name}.0"]
         assert summary["quality"][name]["accuracy"] == part["quality"][name]["accuracy"]
     assert summary["timings_s"]["wall"] > 0
+
+
+def test_build_reuses_a_data_set_only_of_the_same_count_and_seed(tmp_path):
+    # a build folder reused with another --seed must not train on the first seed's data
+    from moevl.train.data import MARKER, make_shapes
+    from moevl.train.defaults import _data_made
+
+    make_shapes(tmp_path / "d", 3, 5)
+    assert _data_made(tmp_path / "d") == (3, 5)
+    assert _data_made(tmp_path / "d") != (3, 6)
+    (tmp_path / "d" / MARKER).write_text("{not json")
+    assert _data_made(tmp_path / "d") is None
+    assert _data_made(tmp_path / "missing") is None

@@ -49,8 +49,8 @@ class BuildPlan:
     # the first records of the mix (a smaller set is the first records of a larger one, moevl.train.data.plan):
     # the tokenizer's text
     mix_shared: int = 24000
-    # a second multi-task set, another seed, for the last full-weight question cycle: every record is seen once
-    # (steps x batch of that cycle), where the earlier cycles saw the mix's records 2-3 times each
+    # two more multi-task sets, other seeds, for the last full-weight question cycles: every record is seen once
+    # (steps x batch of a cycle), where the earlier cycles saw the mix's records 2-3 times each
     fresh: int = 115200
     validation: int = 1000        # per task and language: 5 x 2 x 1000 = 10000 records, another seed
     batch: int = 16
@@ -61,18 +61,21 @@ class BuildPlan:
     # 94 % colour at batch 64 and 73 % at batch 16)
     steps: dict = dataclasses.field(default_factory=lambda: {
         "awaker.v": 1600, "awaker.0": 4500, "awaker.0b": 1200, "awaker.0mix": 3000, "awaker.0mix2": 3000,
-        "awaker.0mix3": 1800, "awaker.0fresh": 1800, "awaker.1": 300, "awaker.2": 250,
+        "awaker.0mix3": 1800, "awaker.0fresh": 1800, "awaker.0fresh2": 1800, "awaker.1": 300, "awaker.2": 250,
         "awaker.3": 250, "moellava.v": 4000, "moellava.0": 6000, "moellava.0b": 2000, "moellava.0mix": 3000,
-        "moellava.0mix2": 3000, "moellava.0fresh": 1800, "moellava.moe": 400})
+        "moellava.0mix2": 3000, "moellava.0fresh": 1800, "moellava.0fresh2": 1800,
+        "moellava.moe": 400})
     lr: dict = dataclasses.field(default_factory=lambda: {
         "awaker.v": 2e-3, "awaker.0": 3e-3, "awaker.0b": 1.5e-3, "awaker.0mix": 1e-3, "awaker.0mix2": 1e-3,
-        "awaker.0mix3": 1e-3, "awaker.0fresh": 1e-3, "awaker.1": 3e-3,
+        "awaker.0mix3": 1e-3, "awaker.0fresh": 1e-3, "awaker.0fresh2": 1e-3, "awaker.1": 3e-3,
         "awaker.2": 1.5e-3, "awaker.3": 1.5e-3, "moellava.v": 2e-3, "moellava.0": 3e-3, "moellava.0b": 1.5e-3,
-        "moellava.0mix": 1e-3, "moellava.0mix2": 1e-3, "moellava.0fresh": 1e-3, "moellava.moe": 1e-3})
+        "moellava.0mix": 1e-3, "moellava.0mix2": 1e-3, "moellava.0fresh": 1e-3, "moellava.0fresh2": 1e-3,
+        "moellava.moe": 1e-3})
     batches: dict = dataclasses.field(default_factory=lambda: {  # else ``batch``
         "awaker.v": 32, "moellava.v": 32, "awaker.0mix": 64, "awaker.0mix2": 64, "awaker.0mix3": 64,
-        "awaker.0fresh": 64, "awaker.1": 64, "awaker.2": 64,
-        "awaker.3": 64, "moellava.0mix": 64, "moellava.0mix2": 64, "moellava.0fresh": 64, "moellava.moe": 64})
+        "awaker.0fresh": 64, "awaker.0fresh2": 64, "awaker.1": 64, "awaker.2": 64,
+        "awaker.3": 64, "moellava.0mix": 64, "moellava.0mix2": 64, "moellava.0fresh": 64, "moellava.0fresh2": 64,
+        "moellava.moe": 64})
     # both models' full-weight question stages weigh every record the same (TrainSettings.loss_average; else the
     # token mean) and run twice 3,000 steps (the second a new cosine cycle, another data order): the question lookups
     # (colour, shape, position: binding the question's words to the right image tokens) were learned in the second
@@ -200,7 +203,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
 
     def data(name, n, s, tasks=None):
         folder = out / "data" / name
-        if (folder / "shapes.json").is_file() and _data_size(folder) == n:
+        if (folder / "shapes.json").is_file() and _data_made(folder) == (n, s):
             return folder / "shapes.json"
         kw = {"tasks": tasks} if tasks else {}
         return make_shapes(folder, n, s, force=True, **kw)
@@ -208,6 +211,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
     captions = data("captions", plan.captions, seed * 10 + 1, ("caption",))
     mix = data("mix", plan.mix, seed * 10 + 2)
     fresh = data("mix-fresh", plan.fresh, seed * 10 + 3)
+    fresh2 = data("mix-fresh2", plan.fresh, seed * 10 + 4)
     validation = data("validation", plan.validation * 10, VALIDATION_SEED + seed)
     timings["data"] = round(time.time() - t0, 1)
 
@@ -247,6 +251,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         s0 = stage("awaker.0mix2", s0, mix, "0", a / "stage0-mix2", seed_offset=1, freeze_vision=True)
         s0 = stage("awaker.0mix3", s0, mix, "0", a / "stage0-mix3", seed_offset=2, freeze_vision=True)
         s0 = stage("awaker.0fresh", s0, fresh, "0", a / "stage0-fresh", seed_offset=3, freeze_vision=True)
+        s0 = stage("awaker.0fresh2", s0, fresh2, "0", a / "stage0-fresh2", seed_offset=4, freeze_vision=True)
         s1 = stage("awaker.1", s0, mix, "1", a / "stage1")
         s2 = stage("awaker.2", s1, mix, "2", a / "stage2")
         finals["awaker"] = stage("awaker.3", s2, mix, "3", a / "stage3")
@@ -261,6 +266,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         s0 = stage("moellava.0mix", s0, mix, "0", m / "stage0-mix", freeze_vision=True)
         s0 = stage("moellava.0mix2", s0, mix, "0", m / "stage0-mix2", seed_offset=1, freeze_vision=True)
         s0 = stage("moellava.0fresh", s0, fresh, "0", m / "stage0-fresh", seed_offset=3, freeze_vision=True)
+        s0 = stage("moellava.0fresh2", s0, fresh2, "0", m / "stage0-fresh2", seed_offset=4, freeze_vision=True)
         finals["moellava"] = stage("moellava.moe", s0, mix, "moe", m / "stage-moe")
     timings["train_total"] = round(time.time() - t0, 1)
 
@@ -292,13 +298,15 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
     return summary
 
 
-def _data_size(folder: Path) -> int | None:
-    """The record count a data set folder written by make_shapes holds (its marker), None if unreadable."""
+def _data_made(folder: Path) -> tuple[int, int] | None:
+    """(record count, seed) of a data set folder written by make_shapes (its marker), None if unreadable: a folder
+    written with another count or seed (another --seed into the same --out) is written anew, not reused."""
     from moevl.train.data import MARKER
 
     try:
-        return json.loads((folder / MARKER).read_text())["n"]
-    except (OSError, ValueError, KeyError):
+        made = json.loads((folder / MARKER).read_text())
+        return made["n"], made["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
