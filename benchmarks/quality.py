@@ -222,7 +222,8 @@ def render(payload: dict) -> str:
 
 def merge_into(payload: dict, old_json: Path) -> None:
     """``payload`` gains the variants of an earlier report that it did not run (same data, seed and record count:
-    else ValueError); the variants it ran replace the earlier ones. The command lines of both are kept."""
+    else ValueError); the variants it ran replace the earlier ones. Each model keeps the command lines that measured
+    its rows: the earlier one only while some of its rows remain."""
     if not old_json.is_file():
         raise ValueError(f"{old_json} does not exist: run without --merge first")
     old = json.loads(old_json.read_text())
@@ -231,16 +232,27 @@ def merge_into(payload: dict, old_json: Path) -> None:
             raise ValueError(f"{old_json} was measured on other data ({key} {old.get(key)!r}, now "
                              f"{payload.get(key)!r}): run the same --limit / --data, or without --merge")
     for model, m in payload["models"].items():
+        m["command"] = payload["command"]
         earlier = old.get("models", {}).get(model)
         if earlier is None:
             continue
+        if any(k not in m["variants"] for k in earlier["variants"]):  # rows of the earlier run stay
+            m["command"] = f"{earlier.get('command', old['command'])}; then {payload['command']}"
         m["variants"] = {**{k: m["variants"].get(k, v) for k, v in earlier["variants"].items()},  # in place
                          **m["variants"]}
         m["not_run"] = {k: v for k, v in {**earlier.get("not_run", {}), **m["not_run"]}.items()
                         if k not in m["variants"]}
     for model, m in old.get("models", {}).items():
-        payload["models"].setdefault(model, m)
-    payload["command"] = f"{old['command']}; then {payload['command']}"
+        payload["models"].setdefault(model, {**m, "command": m.get("command", old["command"])})
+    payload["command"] = commands_line(payload["models"])
+
+
+def commands_line(models: dict) -> str:
+    """The report's command line: one for all models, or each model's."""
+    commands = {m["command"] for m in models.values() if "command" in m}
+    if len(commands) == 1:
+        return commands.pop()
+    return "; ".join(f"{name}: {m['command']}" for name, m in models.items() if "command" in m)
 
 
 def main(argv=None) -> int:
@@ -303,7 +315,7 @@ def main(argv=None) -> int:
                "data_seed": seed, "n": len(records),
                "n_per_pair": f"{min(pairs.values())}-{max(pairs.values())} per task and language",
                "batch_size": args.batch_size, "note": args.note, "seconds": round(time.perf_counter() - t0, 1),
-               "models": models}
+               "models": {name: {**m, "command": command} for name, m in models.items()}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:

@@ -270,6 +270,31 @@ def test_the_quality_report_merges_new_variants_into_an_earlier_one_on_the_same_
     assert (tmp_path / "quality-cpu.json").read_text() == before
 
 
+def test_a_merged_report_names_for_each_model_the_commands_that_measured_its_rows(tmp_path):
+    # a model whose every row was re-measured is credited to the new command only; one that keeps rows of the
+    # earlier report keeps its command too; a model not re-run keeps its own
+    from moevl.benchmarks.quality import merge_into
+
+    def report(command, models):
+        return {"command": command, "data": "validation split", "data_seed": 1, "n": 2,
+                "models": {name: {"command": command, "variants": {v: {} for v in vs}, "not_run": {}}
+                           for name, vs in models.items()}}
+
+    old = tmp_path / "quality-cpu.json"
+    old.write_text(json.dumps(report("A", {"a": ["fp32", "bf16"], "b": ["fp32"], "c": ["fp32"]})))
+    new = report("B", {"a": ["fp32", "bf16"], "b": ["fp32", "int8"]})
+    merge_into(new, old)
+    assert {k: m["command"] for k, m in new["models"].items()} == {"a": "B", "b": "B", "c": "A"}
+    new = report("B", {"a": ["fp32"]})
+    merge_into(new, old)
+    assert new["models"]["a"]["command"] == "A; then B" and set(new["models"]["a"]["variants"]) == {"fp32", "bf16"}
+    assert new["command"] == "a: A; then B; b: A; c: A"
+    old.write_text(json.dumps(report("A", {"a": ["fp32"]})))
+    new = report("B", {"a": ["fp32"]})
+    merge_into(new, old)
+    assert new["command"] == "B"
+
+
 def test_routing_changes_counts_question_router_pairs_that_differ():
     from moevl.benchmarks.quality import routing_changes
 
