@@ -186,4 +186,6 @@ def test_awaker_tiny_scores_the_same_with_the_triton_lora_ops():
         vl.model.set_kernels(kernels)
         logits[name] = vl.score(batch)
     assert (logits["no-experts"] - logits["reference"]).abs().max() > 1e-2  # the experts matter here
-    torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-5, atol=1e-5)
+    # fp32 in another summation order: the retrained awaker-tiny's logits differ by up to 1.5e-5 (measured); the
+    # experts move them by more than 1e-2
+    torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-5, atol=5e-5)
