@@ -5,13 +5,16 @@ deterministic from a seed, on CPU.
 
 What it does (every step through the public training API, ``moevl.train.recipe.run_stage``):
   1. data: the synthetic shapes data set (``moevl.train.data.make_shapes``): a caption set for stage 0, a
-     multi-task set (5 tasks x 2 languages) for the later stages, and a fresh validation split (other seed);
+     multi-task set (5 tasks x 2 languages) for the later stages, two more multi-task sets (other seeds) for the
+     last question cycles, and a fresh validation split (another seed);
   2. a byte-level BPE trained on the data set's text (English and Chinese), Qwen2-VL's special tokens first;
   3. awaker-tiny: the vision tower pretrained on the captions' scene annotations (stage vision: the stand-in for
      Qwen2-VL's pretrained ViT), then a base (no adapters) trained from scratch on captions with that tower frozen
-     (stage 0, in two runs: a second one at a lower peak rate), then stages 1, 2, 3 on the mix; moellava-tiny: its
-     CLIP tower likewise (the stand-in for CLIP), a dense base trained on captions likewise, then on the mix
-     (stage 0 again, twice: MoE-LLaVA's dense instruction stage), then MoE-tuning (stage moe);
+     (stage 0, in two runs: a second one at a lower peak rate), then on the questions (stage 0, three cycles on
+     the mix, then one on each fresh set, every record seen once), then stages 1, 2, 3 on the mix; moellava-tiny:
+     its CLIP tower likewise (the stand-in for CLIP), a dense base trained on captions likewise, then on the
+     questions (stage 0 again, twice on the mix and once on each fresh set: MoE-LLaVA's dense instruction stage),
+     then MoE-tuning (stage moe);
   4. each model evaluated on the validation split (``moevl.train.evaluate``);
   5. ``--install``: the final weights + tokenizer + processor + measured quality written to model/assets/<preset>/,
      where the presets load them from.
@@ -89,8 +92,9 @@ class BuildPlan:
 
     @classmethod
     def smoke(cls) -> "BuildPlan":
-        return cls(captions=40, mix=60, mix_shared=40, fresh=40, validation=2, batch=4, steps={k: 2 for k in cls().steps},
-                   batches={k: 4 for k in cls().batches}, lora_rank=4, lora_alpha=8.0)
+        return cls(captions=40, mix=60, mix_shared=40, fresh=40, validation=2, batch=4,
+                   steps={k: 2 for k in cls().steps}, batches={k: 4 for k in cls().batches}, lora_rank=4,
+                   lora_alpha=8.0)
 
 
 # --------------------------------------------------------------------------------------------------- configs
