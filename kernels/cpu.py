@@ -93,6 +93,8 @@ def pack_lora_setting() -> bool:
         raise ValueError(f"MOEVL_CPU_PACK_LORA={value!r}: set it to 1 (pack the bf16 LoRA decode stack for oneDNN, "
                          "the default) or 0 (plain stacks)")
     return value == "1"
+
+
 PACKED = WeakIdKeyDictionary()  # lora_A parameter -> (key, packed A, packed B): the last stack packed for it
 
 
