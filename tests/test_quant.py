@@ -385,3 +385,19 @@ def test_int4_with_the_ort_backend_is_refused_before_loading(tmp_path):
     res = _cli("run", "--backend", "ort", "--model", str(tmp_path / "no-export"), "--quantize", "int4")
     assert res.returncode == 2 and "use --quantize int8, or int4 with --backend torch" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantising_by_row_blocks_equals_quantising_at_once(mode, monkeypatch):
+    # large weights (lm_head) are quantised a block of rows at a time into the whole outputs: the same numbers as
+    # one pass over every row (a row's quantisation depends on that row only)
+    from moevl.kernels import quant
+
+    w = torch.randn(200, 256, generator=torch.Generator().manual_seed(0))
+    fn = quant.quantize_int8 if mode == "int8" else quant.quantize_int4
+    whole = fn(w)
+    monkeypatch.setattr(quant, "ROWS_PER_CHUNK", 64)  # 200 rows: blocks of 64, 64, 64, 8
+    blocks = fn(w)
+    assert len(whole) == len(blocks)
+    for a, b in zip(whole, blocks):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
