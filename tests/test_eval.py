@@ -304,3 +304,17 @@ def test_routing_changes_counts_question_router_pairs_that_differ():
     assert (r["decisions"], r["changed"]) == (6, 3) and r["fraction"] == 0.5
     assert r["questions_with_a_change"] == round(2 / 3, 6) and "request" in r["what"]
     assert routing_changes(ref, ref, "token-slot")["fraction"] == 0.0
+
+
+def test_routing_tables_have_a_column_per_expert_even_for_a_router_that_picked_one():
+    # counts reach only the highest expert a router picked: the summary pads every router to the widest, so the
+    # report's columns line up (a router that sent all to expert 0 printed a single column before)
+    import numpy as np
+
+    from moevl.train.evaluate import routing_summary
+
+    rows = {"L0.attn": np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]]), "L3.mlp": np.array([[1], [1], [1]])}
+    s = routing_summary(rows, ["count", "color", "count"])
+    assert s["routers"]["L3.mlp"]["counts"] == {"count": [2, 0, 0], "color": [1, 0, 0]}
+    assert s["routers"]["L0.attn"]["counts"] == {"count": [0, 1, 1], "color": [1, 0, 0]}
+    assert s["routers"]["L3.mlp"]["nmi"] == 0.0

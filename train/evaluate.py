@@ -195,9 +195,12 @@ def routing_summary(rows: dict[str, np.ndarray], tasks: list[str], unit: str = "
     present = [t for t in TASKS if t in tasks]
     task_idx = np.array([present.index(t) for t in tasks])
     routers = {}
+    # every router's table as wide as the widest (the counts only reach the highest expert a router picked, so a
+    # router that sent everything to expert 0 would otherwise have one column)
+    width = max((c.shape[1] for c in rows.values()), default=0)
     for name, counts in rows.items():
-        joint = np.zeros((len(present), counts.shape[1]), dtype=np.int64)
-        np.add.at(joint, task_idx, counts)
+        joint = np.zeros((len(present), width), dtype=np.int64)
+        np.add.at(joint[:, :counts.shape[1]], task_idx, counts)
         top = {}
         for i, t in enumerate(present):
             total = joint[i].sum()
