@@ -8,19 +8,20 @@ that breaks inference numerics (kernels, processor, tokenizer, positions, routin
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 import moevl
 from moevl.model.tiny import TRAINED, demo_questions, trained_default
-from moevl.train.defaults import CI_SAMPLE, QUALITY_FILE, BuildPlan, build
+from moevl.train.defaults import CI_SAMPLE, FOCUS, QUALITY_FILE, BuildPlan, build
 
 MARGIN = 0.03  # 3 of the 100 questions
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    plan = BuildPlan(captions=6, mix=10, fresh=6, validation=1, batch=2, steps={k: 1 for k in BuildPlan().steps},
+    plan = BuildPlan(captions=6, mix=10, fresh=6, focus=4, general=2, validation=1, batch=2, steps={k: 1 for k in BuildPlan().steps},
                      batches={k: 2 for k in BuildPlan().batches}, lora_rank=2, lora_alpha=4.0)
     out = tmp_path_factory.mktemp("defaults")
     return out, build(out, seed=0, plan=plan, progress=False, log=lambda m: None)
@@ -29,11 +30,18 @@ def smoke(tmp_path_factory):
 def test_smoke_build_writes_every_stage_and_evaluates(smoke):
     tmp_path, summary = smoke
     for stage in ("awaker/stage-vision", "moellava/stage-vision", "awaker/stage0", "awaker/stage0-fresh",
-                  "awaker/stage0-fresh2", "awaker/stage1", "awaker/stage2", "awaker/stage3", "moellava/stage0",
-                  "moellava/stage0-mix", "moellava/stage0-fresh", "moellava/stage0-fresh2", "moellava/stage-moe"):
+                  "awaker/stage0-fresh2", "awaker/stage0-fresh3", "awaker/stage1", "awaker/stage2", "awaker/stage3",
+                  "moellava/stage0", "moellava/stage0-mix", "moellava/stage0-fresh", "moellava/stage0-fresh2",
+                  "moellava/stage0-fresh3", "moellava/stage-moe"):
         assert (tmp_path / stage / "moevl_config.json").is_file(), stage
         assert (tmp_path / stage / "loss.jsonl").read_text().count("\n") == 1
     assert (tmp_path / "awaker/stage1/peft_adapter/adapter_model.safetensors").is_file()
+    for name, weak in FOCUS.items():  # the last cycle: the model's focus set, then the balanced general set
+        info = json.loads((tmp_path / f"{name}/stage0-fresh3/train.json").read_text())
+        assert [Path(d).parent.name for d in info["data"]] == [f"focus-{name}", "mix-general"]
+        assert info["records"] == 4 + 2
+        tasks = {r["task"] for r in json.loads((tmp_path / f"data/focus-{name}/shapes.json").read_text())}
+        assert tasks == set(weak)
     for name in ("awaker", "moellava"):  # the tower pretrained by stage vision is what stage 0 keeps
         assert json.loads((tmp_path / f"{name}/stage-vision/train.json").read_text())["probe_accuracy"]["shapes"] > 0
         trained = json.loads((tmp_path / f"{name}/stage0/train.json").read_text())["trained"]
@@ -108,14 +116,16 @@ def test_one_command_builds_both_models_side_by_side(tmp_path):
     assert summary["timings_s"]["wall"] > 0
 
 
-def test_build_reuses_a_data_set_only_of_the_same_count_and_seed(tmp_path):
+def test_build_reuses_a_data_set_only_of_the_same_count_seed_and_tasks(tmp_path):
     # a build folder reused with another --seed must not train on the first seed's data
-    from moevl.train.data import MARKER, make_shapes
+    from moevl.train.data import MARKER, TASKS, make_shapes
     from moevl.train.defaults import _data_made
 
     make_shapes(tmp_path / "d", 3, 5)
-    assert _data_made(tmp_path / "d") == (3, 5)
-    assert _data_made(tmp_path / "d") != (3, 6)
+    assert _data_made(tmp_path / "d") == (3, 5, TASKS)
+    assert _data_made(tmp_path / "d") != (3, 6, TASKS)
+    make_shapes(tmp_path / "f", 3, 5, tasks=("color", "position"))
+    assert _data_made(tmp_path / "f") == (3, 5, ("color", "position"))  # a focus set is not the mix of that seed
     (tmp_path / "d" / MARKER).write_text("{not json")
     assert _data_made(tmp_path / "d") is None
     assert _data_made(tmp_path / "missing") is None

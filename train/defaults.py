@@ -6,15 +6,17 @@ deterministic from a seed, on CPU.
 What it does (every step through the public training API, ``moevl.train.recipe.run_stage``):
   1. data: the synthetic shapes data set (``moevl.train.data.make_shapes``): a caption set for stage 0, a
      multi-task set (5 tasks x 2 languages) for the later stages, two more multi-task sets (other seeds) for the
-     last question cycles, and a fresh validation split (another seed);
+     later question cycles, per model a set of only its two weakest tasks (FOCUS) and one more multi-task set for
+     the last cycle, and a fresh validation split (another seed);
   2. a byte-level BPE trained on the data set's text (English and Chinese), Qwen2-VL's special tokens first;
   3. awaker-tiny: the vision tower pretrained on the captions' scene annotations (stage vision: the stand-in for
      Qwen2-VL's pretrained ViT), then a base (no adapters) trained from scratch on captions with that tower frozen
      (stage 0, in two runs: a second one at a lower peak rate), then on the questions (stage 0, three cycles on
-     the mix, then one on each fresh set, every record seen once), then stages 1, 2, 3 on the mix; moellava-tiny:
-     its CLIP tower likewise (the stand-in for CLIP), a dense base trained on captions likewise, then on the
-     questions (stage 0 again, twice on the mix and once on each fresh set: MoE-LLaVA's dense instruction stage),
-     then MoE-tuning (stage moe);
+     the mix, then one on each fresh set and one on its focus set + the last multi-task set, every record seen
+     once), then stages 1, 2, 3 on the mix; moellava-tiny: its CLIP tower likewise (the stand-in for CLIP), a dense
+     base trained on captions likewise, then on the questions (stage 0 again, twice on the mix, once on each fresh
+     set and once on its focus set + the last multi-task set: MoE-LLaVA's dense instruction stage), then
+     MoE-tuning (stage moe);
   4. each model evaluated on the validation split (``moevl.train.evaluate``);
   5. ``--install``: the final weights + tokenizer + processor + measured quality written to model/assets/<preset>/,
      where the presets load them from.
@@ -55,6 +57,10 @@ class BuildPlan:
     # two more multi-task sets, other seeds, for the last full-weight question cycles: every record is seen once
     # (steps x batch of a cycle), where the earlier cycles saw the mix's records 2-3 times each
     fresh: int = 115200
+    # the last cycle's records: 2/3 from a set of only the model's two weakest tasks (FOCUS), 1/3 from a balanced
+    # set of all five (so that the others are not forgotten), every record seen once
+    focus: int = 76800
+    general: int = 38400
     validation: int = 1000        # per task and language: 5 x 2 x 1000 = 10000 records, another seed
     batch: int = 16
     # the vision tower learns to see from the scene annotations first (stage vision), then the language model
@@ -64,21 +70,23 @@ class BuildPlan:
     # 94 % colour at batch 64 and 73 % at batch 16)
     steps: dict = dataclasses.field(default_factory=lambda: {
         "awaker.v": 1600, "awaker.0": 4500, "awaker.0b": 1200, "awaker.0mix": 3000, "awaker.0mix2": 3000,
-        "awaker.0mix3": 1800, "awaker.0fresh": 1800, "awaker.0fresh2": 1800, "awaker.1": 300, "awaker.2": 250,
+        "awaker.0mix3": 1800, "awaker.0fresh": 1800, "awaker.0fresh2": 1800, "awaker.0fresh3": 1800,
+        "awaker.1": 300, "awaker.2": 250,
         "awaker.3": 250, "moellava.v": 4000, "moellava.0": 6000, "moellava.0b": 2000, "moellava.0mix": 3000,
         "moellava.0mix2": 3000, "moellava.0fresh": 1800, "moellava.0fresh2": 1800,
-        "moellava.moe": 400})
+        "moellava.0fresh3": 1800, "moellava.moe": 400})
     lr: dict = dataclasses.field(default_factory=lambda: {
         "awaker.v": 2e-3, "awaker.0": 3e-3, "awaker.0b": 1.5e-3, "awaker.0mix": 1e-3, "awaker.0mix2": 1e-3,
-        "awaker.0mix3": 1e-3, "awaker.0fresh": 1e-3, "awaker.0fresh2": 1e-3, "awaker.1": 3e-3,
+        "awaker.0mix3": 1e-3, "awaker.0fresh": 1e-3, "awaker.0fresh2": 1e-3, "awaker.0fresh3": 1e-3,
+        "awaker.1": 3e-3,
         "awaker.2": 1.5e-3, "awaker.3": 1.5e-3, "moellava.v": 2e-3, "moellava.0": 3e-3, "moellava.0b": 1.5e-3,
         "moellava.0mix": 1e-3, "moellava.0mix2": 1e-3, "moellava.0fresh": 1e-3, "moellava.0fresh2": 1e-3,
-        "moellava.moe": 1e-3})
+        "moellava.0fresh3": 1e-3, "moellava.moe": 1e-3})
     batches: dict = dataclasses.field(default_factory=lambda: {  # else ``batch``
         "awaker.v": 32, "moellava.v": 32, "awaker.0mix": 64, "awaker.0mix2": 64, "awaker.0mix3": 64,
-        "awaker.0fresh": 64, "awaker.0fresh2": 64, "awaker.1": 64, "awaker.2": 64,
+        "awaker.0fresh": 64, "awaker.0fresh2": 64, "awaker.0fresh3": 64, "awaker.1": 64, "awaker.2": 64,
         "awaker.3": 64, "moellava.0mix": 64, "moellava.0mix2": 64, "moellava.0fresh": 64, "moellava.0fresh2": 64,
-        "moellava.moe": 64})
+        "moellava.0fresh3": 64, "moellava.moe": 64})
     # both models' full-weight question stages weigh every record the same (TrainSettings.loss_average; else the
     # token mean) and run twice 3,000 steps (the second a new cosine cycle, another data order): the question lookups
     # (colour, shape, position: binding the question's words to the right image tokens) were learned in the second
@@ -92,9 +100,14 @@ class BuildPlan:
 
     @classmethod
     def smoke(cls) -> "BuildPlan":
-        return cls(captions=40, mix=60, mix_shared=40, fresh=40, validation=2, batch=4,
+        return cls(captions=40, mix=60, mix_shared=40, fresh=40, focus=20, general=10, validation=2, batch=4,
                    steps={k: 2 for k in cls().steps}, batches={k: 4 for k in cls().batches}, lora_rank=4,
                    lora_alpha=8.0)
+
+
+# each model's two weakest tasks after the second fresh cycle (full validation split: awaker-tiny position 87.1 %,
+# captions 79.4 %; moellava-tiny colour 69.5 %, position 87.2 %): the last cycle's focus set asks only these
+FOCUS = {"awaker": ("position", "caption"), "moellava": ("color", "position")}
 
 
 # --------------------------------------------------------------------------------------------------- configs
@@ -196,7 +209,7 @@ def random_checkpoint(family: str, cfg, assets: Path, out: Path, seed: int) -> P
 # --------------------------------------------------------------------------------------------------- build
 def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awaker", "moellava"),
           install: bool = False, progress: bool = True, log=print) -> dict:
-    from moevl.train.data import make_shapes
+    from moevl.train.data import TASKS, make_shapes
 
     plan = plan or BuildPlan()
     torch.manual_seed(seed)
@@ -205,17 +218,19 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
     t0 = time.time()
     timings = {}
 
-    def data(name, n, s, tasks=None):
+    def data(name, n, s, tasks=TASKS):
         folder = out / "data" / name
-        if (folder / "shapes.json").is_file() and _data_made(folder) == (n, s):
+        if (folder / "shapes.json").is_file() and _data_made(folder) == (n, s, tuple(tasks)):
             return folder / "shapes.json"
-        kw = {"tasks": tasks} if tasks else {}
-        return make_shapes(folder, n, s, force=True, **kw)
+        return make_shapes(folder, n, s, force=True, tasks=tasks)
 
     captions = data("captions", plan.captions, seed * 10 + 1, ("caption",))
     mix = data("mix", plan.mix, seed * 10 + 2)
     fresh = data("mix-fresh", plan.fresh, seed * 10 + 3)
     fresh2 = data("mix-fresh2", plan.fresh, seed * 10 + 4)
+    general = data("mix-general", plan.general, seed * 10 + 6)
+    focus = {name: data(f"focus-{name}", plan.focus, seed * 10 + s, FOCUS[name])
+             for name, s in (("awaker", 5), ("moellava", 7)) if name in models}
     validation = data("validation", plan.validation * 10, VALIDATION_SEED + seed)
     timings["data"] = round(time.time() - t0, 1)
 
@@ -228,6 +243,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
                          assets["moellava"], mcfg.vision.image_size)
 
     def stage(key, model, data_json, st, dest, seed_offset=0, **opts):
+        """data_json: one data set, or a list of them (their records in that order)."""
         if (dest / "moevl_config.json").is_file():  # done by an earlier (interrupted) run of the build
             return dest
         t = time.time()
@@ -256,6 +272,8 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         s0 = stage("awaker.0mix3", s0, mix, "0", a / "stage0-mix3", seed_offset=2, freeze_vision=True)
         s0 = stage("awaker.0fresh", s0, fresh, "0", a / "stage0-fresh", seed_offset=3, freeze_vision=True)
         s0 = stage("awaker.0fresh2", s0, fresh2, "0", a / "stage0-fresh2", seed_offset=4, freeze_vision=True)
+        s0 = stage("awaker.0fresh3", s0, [focus["awaker"], general], "0", a / "stage0-fresh3", seed_offset=5,
+                   freeze_vision=True)
         s1 = stage("awaker.1", s0, mix, "1", a / "stage1")
         s2 = stage("awaker.2", s1, mix, "2", a / "stage2")
         finals["awaker"] = stage("awaker.3", s2, mix, "3", a / "stage3")
@@ -271,6 +289,8 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
         s0 = stage("moellava.0mix2", s0, mix, "0", m / "stage0-mix2", seed_offset=1, freeze_vision=True)
         s0 = stage("moellava.0fresh", s0, fresh, "0", m / "stage0-fresh", seed_offset=3, freeze_vision=True)
         s0 = stage("moellava.0fresh2", s0, fresh2, "0", m / "stage0-fresh2", seed_offset=4, freeze_vision=True)
+        s0 = stage("moellava.0fresh3", s0, [focus["moellava"], general], "0", m / "stage0-fresh3",
+                   seed_offset=5, freeze_vision=True)
         finals["moellava"] = stage("moellava.moe", s0, mix, "moe", m / "stage-moe")
     timings["train_total"] = round(time.time() - t0, 1)
 
@@ -302,14 +322,15 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None, models=("awak
     return summary
 
 
-def _data_made(folder: Path) -> tuple[int, int] | None:
-    """(record count, seed) of a data set folder written by make_shapes (its marker), None if unreadable: a folder
-    written with another count or seed (another --seed into the same --out) is written anew, not reused."""
+def _data_made(folder: Path) -> tuple[int, int, tuple] | None:
+    """(record count, seed, tasks) of a data set folder written by make_shapes (its marker), None if unreadable: a
+    folder written with another count, seed or task list (another --seed into the same --out) is written anew, not
+    reused."""
     from moevl.train.data import MARKER
 
     try:
         made = json.loads((folder / MARKER).read_text())
-        return made["n"], made["seed"]
+        return made["n"], made["seed"], tuple(made["tasks"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -56,7 +56,8 @@ def work_folder(out: Path) -> Path:
 def run_stage(model: str | Path, data: str | Path, stage: str, out: str | Path, device="cpu",
               settings: TrainSettings | None = None, options: StageOptions | None = None, resume: bool = False,
               force: bool = False, progress: bool = True, records=None, log=print) -> Path:
-    """One stage of the recipe: ``model`` (preset or folder) trained on ``data`` -> the kit's format in ``out``."""
+    """One stage of the recipe: ``model`` (preset or folder) trained on ``data`` (a data set's JSON, or a list of
+    them) -> the kit's format in ``out``."""
     from moevl.ascend.device import resolve_device
     from moevl.model.family import load_torch
 
@@ -69,7 +70,9 @@ def run_stage(model: str | Path, data: str | Path, stage: str, out: str | Path, 
     stage = str(stage)
     out = Path(out)
     check_output_folder(out, CHECKPOINT, force)  # before minutes of work
-    records = records if records is not None else read_records(data)
+    several = isinstance(data, (list, tuple))  # several data sets: their records in that order
+    if records is None:
+        records = [r for d in data for r in read_records(d)] if several else read_records(data)
     dev = resolve_device(device) if isinstance(device, str) else device
     session = load_torch(model, dev, torch.float32)
     family, m, processor = session.family, session.model, session.processor
@@ -132,7 +135,8 @@ def run_stage(model: str | Path, data: str | Path, stage: str, out: str | Path, 
 
         extras.update({f"{PEFT_FOLDER}/{k}": v for k, v in peft_interop.adapter_files(peft_model).items()})
         m = peft_model.merge_and_unload()
-    info = {"stage": stage, "from": str(model), "data": str(data), "records": len(records),
+    info = {"stage": stage, "from": str(model), "data": [str(d) for d in data] if several else str(data),
+            "records": len(records),
             "settings": {k: (str(v) if isinstance(v, torch.dtype) else v)
                          for k, v in dataclasses.asdict(settings).items()},
             "options": dataclasses.asdict(options), "trained": sorted(params), "steps": len(rows),
