@@ -212,6 +212,23 @@ def _agree(a: dict, ref: str) -> str:
                                                       f", first divergence at {a['first_divergence']}")
 
 
+def merge_results(old: dict, results: list[dict], meta: dict) -> tuple[list[dict], dict]:
+    """An earlier report's configurations that ``results`` does not measure, kept (in CONFIGS order), each with the
+    command and date that measured it (an earlier report without them: its own command and date) -> (results, meta
+    whose command names every command that measured a kept row, with the configurations and date of each)."""
+    new = {r["config"] for r in results}
+    kept = [dict(r, command=r.get("command", old["meta"]["command"]), date=r.get("date", old["meta"]["date"]))
+            for r in old.get("results", []) if r["config"] not in new]
+    rows = sorted(kept + results, key=lambda r: CONFIGS.index(r["config"]) if r["config"] in CONFIGS else len(CONFIGS))
+    if kept:
+        parts = {}
+        for r in rows:
+            parts.setdefault((r["command"], r["date"]), []).append(r["config"])
+        meta = dict(meta, command="; ".join(f"{cmd} ({', '.join(cs)}: {date[:16]})"
+                                            for (cmd, date), cs in parts.items()))
+    return rows, meta
+
+
 def main(argv=None) -> int:
     import onnxruntime
 
@@ -226,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--merge", action="store_true",
+                   help="keep the configurations of an existing ort-cpu.json that this run does not measure")
     args = p.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
     bad = set(configs) - set(CONFIGS)
@@ -247,8 +266,12 @@ def main(argv=None) -> int:
             "cpu": cpu_model_name(), "cpu_flags": cpu_flags(), "machine": platform.machine(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "threads": args.threads or torch.get_num_threads(),
             "command": "python -m moevl.benchmarks.ort " + " ".join(argv if argv is not None else sys.argv[1:])}
+    for r in results:
+        r["command"], r["date"] = meta["command"], meta["date"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge and (out / "ort-cpu.json").is_file():
+        results, meta = merge_results(json.loads((out / "ort-cpu.json").read_text()), results, meta)
     (out / "ort-cpu.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     md = render(results, meta)
     (out / "ort-cpu.md").write_text(md)

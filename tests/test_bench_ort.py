@@ -33,3 +33,21 @@ def test_other_configurations_time_ort_int8_alone(monkeypatch):
     assert "torch_int8" not in r and "torch_int8_vs_ort_int8_decode" not in r
     assert "ours int8 (bf16" not in ort.render([r], {"cpu": "c", "command": "c", "torch": "t", "onnxruntime": "o",
                                                "threads": 1})
+
+
+def test_merge_keeps_the_configurations_not_measured_with_their_own_command():
+    # a run of one configuration with --merge replaces that configuration's rows only; the report's command line
+    # names each command with the configurations it measured (an earlier report's rows keep its command)
+    from moevl.benchmarks.ort import merge_results
+
+    old = {"meta": {"command": "python -m moevl.benchmarks.ort --repeats 7", "date": "2026-12-07T18:06:00+00:00"},
+           "results": [{"config": "tiny", "x": 1}, {"config": "7b-width", "x": 2}]}
+    meta = {"command": "python -m moevl.benchmarks.ort --configs 7b-width", "date": "2026-12-08T00:32:00+00:00"}
+    new = [{"config": "7b-width", "x": 3, "command": meta["command"], "date": meta["date"]}]
+    rows, merged = merge_results(old, new, meta)
+    assert [(r["config"], r["x"]) for r in rows] == [("tiny", 1), ("7b-width", 3)]
+    assert rows[0]["command"] == old["meta"]["command"]
+    assert merged["command"] == ("python -m moevl.benchmarks.ort --repeats 7 (tiny: 2026-12-07T18:06); "
+                                 "python -m moevl.benchmarks.ort --configs 7b-width (7b-width: 2026-12-08T00:32)")
+    rows, merged = merge_results(old, new + [{"config": "tiny", "x": 4, **meta}], meta)
+    assert [r["x"] for r in rows] == [4, 3] and merged == meta  # nothing kept: the run's own command

@@ -32,7 +32,7 @@ def test_smoke_build_writes_every_stage_and_evaluates(smoke):
     for stage in ("awaker/stage-vision", "moellava/stage-vision", "awaker/stage0", "awaker/stage0-fresh",
                   "awaker/stage0-fresh2", "awaker/stage0-fresh3", "awaker/stage1", "awaker/stage2", "awaker/stage3",
                   "moellava/stage0", "moellava/stage0-mix", "moellava/stage0-fresh", "moellava/stage0-fresh2",
-                  "moellava/stage0-fresh3", "moellava/stage-moe"):
+                  "moellava/stage0-fresh3", "moellava/stage0-fresh4", "moellava/stage-moe"):
         assert (tmp_path / stage / "moevl_config.json").is_file(), stage
         assert (tmp_path / stage / "loss.jsonl").read_text().count("\n") == 1
     assert (tmp_path / "awaker/stage1/peft_adapter/adapter_model.safetensors").is_file()
