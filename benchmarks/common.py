@@ -91,6 +91,7 @@ def environment(device) -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "machine": platform.machine(), "device": device.describe(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP's default)"),
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "(libgomp's default)"),
             "npu_note": "no NPU figures: nothing here ran on an Ascend NPU"}
 
 

@@ -309,3 +309,22 @@ def test_the_pack_setting_is_read_at_placement(monkeypatch):
     monkeypatch.setenv("MOEVL_CPU_PACK_LORA", "1")
     cpu.prepare_weights_cpu(lin)
     assert cpu.PACK_LORA is True
+
+
+def test_importing_moevl_first_sets_the_openmp_wait_settings_and_keeps_the_users(tmp_path):
+    # read by libgomp when torch loads it: moevl sets them only when torch is not imported yet, and never over a
+    # value the user set (FBGEMM int8 decode needs the spin count; see moevl/__init__.py)
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, moevl, torch; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.stdout.split()[-2:] == ["PASSIVE", "300000"], out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, GOMP_SPINCOUNT="1000"), cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.stdout.split()[-2:] == ["PASSIVE", "1000"], out.stderr
+    late = "import os, torch, moevl; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", late], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.stdout.split()[-2:] == ["None", "None"], out.stderr  # torch first: too late, nothing set
