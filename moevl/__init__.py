@@ -20,17 +20,8 @@ import sys as _sys
 # their cores. Measured at 7B width (2 layers, AMD EPYC, 2 threads): int8 decode through MLAS 43 -> 37 ms/token,
 # fp32 112 -> 101-105, bf16 unchanged, transformers' own fp32 decode 3% slower. A value the user set is kept; with
 # torch imported first it is too late to change (the kit then runs as before).
-#
-# But not at once: FBGEMM's int8 decode (the default int8 kernel on VNNI CPUs) runs many short parallel regions, and
-# under PASSIVE alone each one waited for the sleeping worker. libgomp's GOMP_SPINCOUNT (read with the policy) lets
-# the threads spin that many iterations first (about 3 ms; libgomp's own default length). Measured at 7B width
-# (2 layers, AMD EPYC, 2 threads, separate processes, median of 6-8 rounds each; /work/exp/s4/bim2.py, bim3.py,
-# ad-hoc): int8 on FBGEMM 31.9 -> 21.1 ms/step, int4 26.6 / 25.8 -> 21.1 / 25.8, fp32 122.4 / 105.2 -> 112.9 /
-# 112.3 (noise), bf16 73.8 / 62.0 -> 72.6 / 57.5; ours int8 vs ONNX Runtime's int8 side by side 1.11x -> 0.97x
-# (benchmarks/results/ort-gomp-spin-cpu.md). MLAS (an opt-in kernel policy) was not re-measured with it.
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    _os.environ.setdefault("GOMP_SPINCOUNT", "300000")
 # Likewise numpy's OpenBLAS (read when numpy loads it): its worker threads spin for 2^28 cycles after a call by
 # default; 2^4 lets them sleep at once. fp32 decode with the OpenBLAS layout on every shape, paired runs: 132 -> 102
 # and 149 -> 134 ms/token (a noisy machine; ad-hoc script).
