@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from moevl.ascend.device import cpu_flag_set
-from moevl.kernels import moe, quant, reference
+from moevl.kernels import fbgemm, moe, quant, reference
 from moevl.kernels.dispatch import Kernels, _BACKENDS, register_backend
 
 
@@ -92,6 +92,16 @@ def pack_lora_setting() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"MOEVL_CPU_PACK_LORA={value!r}: set it to 1 (pack the bf16 LoRA decode stack for oneDNN, "
                          "the default) or 0 (plain stacks)")
+    return value == "1"
+
+
+def fuse_groups_setting() -> bool:
+    """MOEVL_CPU_FUSE_GROUPS: "1" (or unset) packs the int8 weights of linears on one input (q/k/v, gate/up) as one
+    FBGEMM weight (``quant.fuse_int8_groups``), "0" keeps one per linear; anything else is an error naming it."""
+    value = os.environ.get("MOEVL_CPU_FUSE_GROUPS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"MOEVL_CPU_FUSE_GROUPS={value!r}: set it to 1 (one int8 product for the linears of one "
+                         "input, the default) or 0 (one per linear)")
     return value == "1"
 
 
@@ -232,26 +242,31 @@ def stack_expand(bts, scales) -> torch.Tensor:
     return bt
 
 
-def _apply_views(x, weight, bias, plan: ViewLoraPlan):
+def _base(x, weight, bias, base):
+    """x W^T + b, or ``base`` where the group it belongs to computed it already (``lora_moe_group``)."""
+    return linear(x, weight, bias) if base is None else base
+
+
+def _apply_views(x, weight, bias, plan: ViewLoraPlan, base=None):
     # x [1, T, in]: y = x W^T + b + sum_e ((x A_e^T) s_e) B_e^T, two rank-r GEMM pairs on views
     x2 = x[0]
-    y = linear(x2, weight, bias)
+    y = _base(x2, weight, bias, None if base is None else base[0])
     for A, Bt, s in zip(plan.lora_A, plan.lora_Bt, plan.scales):
         y = torch.addmm(y, F.linear(x2, A).mul_(s), Bt)
     return y.unsqueeze(0)
 
 
-def _apply_stacked(x, weight, bias, plan: StackedLoraPlan):
+def _apply_stacked(x, weight, bias, plan: StackedLoraPlan, base=None):
     # x [B, T, in] -> [B, T, out]: base linear + (x A^T) Bt, accumulated into the base output.
     A, Bt = plan.lora_A, plan.lora_Bt
     if x.shape[0] == 1:
         # Batch 1: plain 2-D GEMMs on views (fewer dispatch layers than bmm, same math).
         x2 = x[0]
-        y = linear(x2, weight, bias)
+        y = _base(x2, weight, bias, None if base is None else base[0])
         if _rowvec_blas(x2, A, Bt):  # one fp32 row (decode): numpy's sgemv streams A and B^T (quant.OpenblasWeight)
             return y.add_(quant.rowvec_matmul(quant.rowvec_linear(x2, A[0].detach().numpy()), Bt[0])).unsqueeze(0)
         return torch.addmm(y, F.linear(x2, A[0]), Bt[0]).unsqueeze(0)
-    y = linear(x, weight, bias)
+    y = _base(x, weight, bias, base)
     h = torch.bmm(x, A.transpose(1, 2))  # [B, T, R]
     return torch.baddbmm(y, h, Bt)
 
@@ -272,15 +287,16 @@ def merge_lora_plan(weight, plan: StackedLoraPlan) -> torch.Tensor:
     return (delta + dense).to(weight.dtype)
 
 
-def lora_moe_linear(x, weight, bias, plan):
-    """x [B, T, in], weight [out, in], bias [out] | None, plan from this module's prepare (or None) -> [B, T, out]."""
+def lora_moe_linear(x, weight, bias, plan, base=None):
+    """x [B, T, in], weight [out, in], bias [out] | None, plan from this module's prepare (or None) -> [B, T, out].
+    ``base``: x W^T + b [B, T, out] when already computed (``lora_moe_group``; not for a merging plan)."""
     if plan is None:
-        return linear(x, weight, bias)
+        return _base(x, weight, bias, base)
     if isinstance(plan, reference.LoraPlan):  # a plan made by another backend's prepare: convert (once per call)
         plan = lora_moe_prepare(*plan)
     if isinstance(plan, ViewLoraPlan):
         if x.shape[1] > 1:
-            return _apply_views(x, weight, bias, plan)
+            return _apply_views(x, weight, bias, plan, base)
         if not plan.stacked:
             a0 = plan.lora_A[0]
             if pack_lora(a0.dtype, a0.device) and not (torch.is_grad_enabled() and a0.requires_grad):
@@ -294,10 +310,12 @@ def lora_moe_linear(x, weight, bias, plan):
             if torch.is_grad_enabled() and x2.requires_grad:  # oneDNN's packed product has no autograd
                 raise RuntimeError("a packed LoRA decode plan (kernels.cpu.PackedLoraPlan) is inference-only: run "
                                    "decode under torch.no_grad(), or train with lora_moe_linear_autograd")
-            y = linear(x2, weight, bias)
+            y = _base(x2, weight, bias, None if base is None else base[0])
             h = _packed_linear(x2, plan.lora_A).mul_(plan.scales)  # [T, R], the gate scales per rank block
             return y.add_(_packed_linear(h, plan.lora_B)).unsqueeze(0)
     if plan.merged is not None:
+        if base is not None:
+            raise ValueError("a merging plan computes its own product: no base output for it")
         if not plan.merged:
             plan.merged.append(merge_lora_plan(weight, plan))
         W = plan.merged[0]  # [B, out, in]
@@ -305,7 +323,48 @@ def lora_moe_linear(x, weight, bias, plan):
             return F.linear(x, W[0], bias)
         y = torch.bmm(x, W.transpose(1, 2))
         return y + bias if bias is not None else y
-    return _apply_stacked(x, weight, bias, plan)
+    return _apply_stacked(x, weight, bias, plan, base)
+
+
+def _fused_rows(linears, x):
+    """The one FBGEMM product that holds every linear's weight, in order (``quant.fuse_int8_groups``), or None (not
+    fused, or x needs gradients: the fused product has no backward)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    return fbgemm.fused_of([getattr(m.weight, "fbgemm", None) for m in linears])
+
+
+def _group_bases(x, linears, fused):
+    # one product for the group, then each member's columns (views) plus its own bias, as the member computes alone
+    y = fused.linear(x.reshape(-1, x.shape[-1]), None)
+    out = []
+    for m in linears:
+        rows = m.weight.fbgemm
+        yi = y[:, rows.start:rows.stop]
+        if m.bias is not None:
+            yi = yi + m.bias.to(yi.dtype)
+        out.append(yi.view(*x.shape[:-1], rows.stop - rows.start))
+    return out
+
+
+def linear_group(x, linears):
+    """Linears of one input (q/k/v): one FBGEMM product where their int8 weights were packed as one
+    (``quant.fuse_int8_groups``), each member's output a view of it; else each module alone."""
+    fused = _fused_rows(linears, x)
+    if fused is None:
+        return reference.linear_group(x, linears)
+    return tuple(_group_bases(x, linears, fused))
+
+
+def lora_moe_group(x, linears, plans):
+    """Adapted linears of one input (Awaker's gate/up): the base products as one, as ``linear_group``, then each
+    member's experts on its own output (a merging plan computes its own product: the group then runs member by
+    member)."""
+    fused = _fused_rows(linears, x)
+    if fused is None or any(isinstance(p, StackedLoraPlan) and p.merged is not None for p in plans):
+        return reference.lora_moe_group(x, linears, plans)
+    bases = _group_bases(x, linears, fused)
+    return tuple(lora_moe_linear(x, m.weight, m.bias, p, base=y) for m, p, y in zip(linears, plans, bases))
 
 
 def lora_moe_linear_autograd(x, weight, bias, plan):
@@ -448,6 +507,7 @@ def prepare_weights_cpu(model) -> None:
         raise ValueError(f"MOEVL_CPU_QUANT_KERNEL={policy!r}: set it to one of "
                          f"{', '.join(quant.QUANT_KERNEL_POLICIES)} (or unset it: auto)")
     quant.bind_all(model, functools.partial(quant.bind_cpu, policy=policy))
+    quant.fuse_int8_groups(model, fuse_groups_setting())
     quant.choose_dense_layouts(model, os.environ.get("MOEVL_CPU_LAYOUT", "auto"))
     PACK_LORA = pack_lora_setting()
     store_lora_b(model)
@@ -468,6 +528,8 @@ def _fast(name: str, merged: bool = False) -> Kernels:
         patch_embed=patch_embed,
         lora_moe_prepare=lora_moe_prepare_merged if merged else lora_moe_prepare,
         lora_moe_linear=lora_moe_linear,
+        linear_group=linear_group,
+        lora_moe_group=lora_moe_group,
         moe_ffn=moe.moe_ffn_dropless,
         prepare_weights=prepare_weights_cuda if name.startswith("cuda") else prepare_weights_cpu,
     )

@@ -32,6 +32,10 @@ class Kernels:
     # (model) -> None, once when a model is placed: binds quantised weights to this backend's kernels and puts
     # dense base weights in the backend's layout (kernels/quant.py); the reference keeps everything as it is
     prepare_weights: Callable = lambda model: None
+    # (x [B,T,i], linears) -> their outputs: linears of one input (q/k/v, gate/up), one product where packed together
+    linear_group: Callable = reference.linear_group
+    # (x [B,T,i], adapted linears, plans) -> their outputs (Awaker's gate/up), likewise
+    lora_moe_group: Callable = reference.lora_moe_group
 
 
 _BACKENDS: dict[str, Kernels] = {}

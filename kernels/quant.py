@@ -594,7 +594,49 @@ def _bind_fbgemm(module: Int8Weight, op) -> None:
     module.fbgemm = op
     if module.qweight.numel():
         module.qweight = torch.empty(0, dtype=module.qweight.dtype)  # the packed weight is the only copy now
-    module.bind(op.linear, "quantized::linear_dynamic (FBGEMM, int8 activations per row)")
+    from moevl.kernels import fbgemm
+
+    module.bind(op.linear, "quantized::linear_dynamic (FBGEMM, int8 activations per row"
+                + (", packed with the linears of its input)" if isinstance(op, fbgemm.Rows) else ")"))
+
+
+def fuse_int8_groups(model: nn.Module, enable: bool = True) -> int:
+    """Pack each group of linears on the same input that a module lists in ``fused_linear_groups`` (q/k/v, gate/up:
+    names of submodules) as one FBGEMM weight (kernels/fbgemm.py ``Rows``), where every member's weight is an int8
+    weight bound to FBGEMM; ``enable`` False gives fused members their own packed weight back. The values are not
+    touched: the stored rows are concatenated, with their channel scales. -> how many groups are fused now."""
+    from moevl.kernels import fbgemm
+
+    fused_now = 0
+    for mod in model.modules():
+        for names in getattr(mod, "fused_linear_groups", ()):
+            try:
+                weights = [getattr(mod.get_submodule(n), "weight", None) for n in names]
+            except AttributeError:  # a layer without this group (MoE-LLaVA's MoE layers have no gate/up)
+                continue
+            if not all(isinstance(w, Int8Weight) and w.fbgemm is not None for w in weights):
+                continue
+            already = fbgemm.fused_of([w.fbgemm for w in weights]) is not None
+            if not enable:
+                for w in weights:
+                    if isinstance(w.fbgemm, fbgemm.Rows):
+                        _bind_fbgemm(w, fbgemm.Int8Linear(w.fbgemm.stored(), w.fbgemm.scales))
+                continue
+            if not already:
+                stored = [w.fbgemm.stored() for w in weights]
+                scales = torch.cat([w.fbgemm.scales for w in weights])
+                for w in weights:  # the separate packed copies go before the shared one is made (peak memory)
+                    w.fbgemm = None
+                q = torch.cat(stored)
+                del stored
+                shared = fbgemm.Int8Linear(q, scales)
+                del q
+                start = 0
+                for w in weights:
+                    _bind_fbgemm(w, fbgemm.Rows(shared, start, start + w.out_features))
+                    start += w.out_features
+            fused_now += 1
+    return fused_now
 
 
 def _unbind_fbgemm(module: Int8Weight) -> None:

@@ -112,6 +112,17 @@ def lora_moe_linear(x, weight, bias, plan):
     return torch.stack(rows)
 
 
+def linear_group(x, linears):
+    """Several linears of the same input (q/k/v; gate/up): each module's own forward. A backend that packed such a
+    group as one weight (kernels/cpu.py, FBGEMM int8) computes the group in one product instead."""
+    return tuple(m(x) for m in linears)
+
+
+def lora_moe_group(x, linears, plans):
+    """Several adapted linears of the same input (Awaker's gate/up), each with its own plan (or None)."""
+    return tuple(m(x, p) for m, p in zip(linears, plans))
+
+
 def round_to_fp16(x: torch.Tensor) -> torch.Tensor:
     """fp32 -> the nearest fp16 value, kept in fp32 (Awaker's router computes in float16)."""
     return x.half().float()

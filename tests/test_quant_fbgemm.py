@@ -134,3 +134,81 @@ def test_a_quantised_tiny_model_through_fbgemm_matches_its_reference(monkeypatch
         lo, routing_o = _logits_and_routing(oracle, prompt)
         assert rel_err(lq, lo) < 0.03, prompt
         assert routing_q == routing_o
+
+
+class _Group(torch.nn.Module):
+    """Three linears of one input, as a decoder layer lists them (``fused_linear_groups``)."""
+    fused_linear_groups = (("q", "k", "v"),)
+
+    def __init__(self, shapes, bias):
+        super().__init__()
+        for name, (o, i) in zip("qkv", shapes):
+            w = quant.Int8Weight.from_float(torch.randn(o, i), dtype=torch.bfloat16)
+            setattr(self, name, quant.WeightLinear(w, torch.randn(o).to(torch.bfloat16) if bias else None))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 6])
+def test_a_group_packed_as_one_gives_each_member_its_own_values_bit_for_bit(rows, bias):
+    from moevl.kernels import cpu
+
+    torch.manual_seed(rows)
+    g = _Group([(48, 64), (16, 64), (24, 64)], bias)
+    members = (g.q, g.k, g.v)
+    stored = [m.weight.qweight.clone() for m in members]
+    for m in members:
+        quant.bind_cpu(m.weight, policy="fbgemm")
+    x = torch.randn(2, rows, 64).to(torch.bfloat16)
+    alone = [m(x) for m in members]
+    assert cpu.linear_group(x, members)[0] is not None and fbgemm.fused_of([m.weight.fbgemm for m in members]) is None
+    assert quant.fuse_int8_groups(g) == 1
+    shared = fbgemm.fused_of([m.weight.fbgemm for m in members])
+    assert shared is not None and shared.out_features == 88
+    together = cpu.linear_group(x, members)
+    for a, t, m, q in zip(alone, together, members, stored):
+        assert t.shape == a.shape and torch.equal(t, a)
+        assert torch.equal(m(x), a)  # a member alone still gives its own rows
+        assert torch.equal(m.weight.stored_qweight(), q)  # and its stored values (what saving writes)
+        assert m.weight.kernel_name.endswith("packed with the linears of its input)")
+    assert quant.fuse_int8_groups(g) == 1  # fused already: left as it is
+    assert fbgemm.fused_of([m.weight.fbgemm for m in members]) is shared
+    assert quant.fuse_int8_groups(g, enable=False) == 0  # one packed weight per linear again
+    assert not any(isinstance(m.weight.fbgemm, fbgemm.Rows) for m in members)
+    for a, m, q in zip(alone, members, stored):
+        assert torch.equal(m(x), a) and torch.equal(m.weight.stored_qweight(), q)
+
+
+def test_members_in_another_order_or_of_two_groups_are_not_one_product():
+    g = _Group([(8, 32), (8, 32), (8, 32)], False)
+    for m in (g.q, g.k, g.v):
+        quant.bind_cpu(m.weight, policy="fbgemm")
+    quant.fuse_int8_groups(g)
+    ops = [g.q.weight.fbgemm, g.k.weight.fbgemm, g.v.weight.fbgemm]
+    assert fbgemm.fused_of(ops) is not None
+    assert fbgemm.fused_of(ops[::-1]) is None and fbgemm.fused_of(ops[:2]) is None
+    quant.bind_cpu(g.k.weight, policy="aten")  # one member leaves: the rest is no group
+    assert fbgemm.fused_of([g.q.weight.fbgemm, g.k.weight.fbgemm, g.v.weight.fbgemm]) is None
+
+
+@pytest.mark.parametrize("preset", ["awaker-tiny-random", "moellava-tiny-random"])
+def test_fused_groups_change_no_logit_of_a_quantised_model(preset, monkeypatch):
+    """q/k/v and gate/up packed as one FBGEMM weight each: every logit of prefill and decode equal, bit for bit, to
+    one packed weight per linear (Awaker's gate/up with their LoRA experts on top)."""
+    from tests.test_quant_mlas import _logits_and_routing
+
+    monkeypatch.setenv("MOEVL_CPU_QUANT_KERNEL", "fbgemm")
+    runs = {}
+    for fuse in ("0", "1"):
+        monkeypatch.setenv("MOEVL_CPU_FUSE_GROUPS", fuse)
+        s = moevl.load(preset, device="cpu", dtype="bf16", quantize="int8")
+        rows = [m.weight.fbgemm for m in s.model.modules() if isinstance(getattr(m, "weight", None), quant.Int8Weight)]
+        assert any(isinstance(r, fbgemm.Rows) for r in rows) == (fuse == "1")
+        runs[fuse] = [_logits_and_routing(s, p, tokens=4) for p in ("What is in the picture?", "How many shapes?")]
+    for (l0, r0), (l1, r1) in zip(runs["0"], runs["1"]):
+        assert torch.equal(l0, l1) and r0 == r1
+
+
+def test_a_bad_fuse_groups_setting_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("MOEVL_CPU_FUSE_GROUPS", "yes")
+    with pytest.raises(ValueError, match="MOEVL_CPU_FUSE_GROUPS='yes'"):
+        moevl.load("awaker-tiny-random", device="cpu", dtype="bf16", quantize="int8")

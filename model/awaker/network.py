@@ -94,6 +94,10 @@ class VisionTower(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- text
 class DecoderLayer(nn.Module):
+    # linears of one input, which a backend may pack as one weight (kernels: linear_group / lora_moe_group)
+    fused_linear_groups = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                           ("mlp.gate_proj", "mlp.up_proj"))
+
     def __init__(self, cfg: AwakerConfig, ops: KernelRef):
         super().__init__()
         a = cfg.adapters
@@ -127,9 +131,10 @@ class DecoderLayer(nn.Module):
         b, t, _ = x.shape
         h = self.input_layernorm(x)
         at = self.self_attn
-        q = at.q_proj(h).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = at.k_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = at.v_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.ops.linear_group(h, (at.q_proj, at.k_proj, at.v_proj))
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.ops.apply_rotary(q, k, cos, sin)
         # cache None: the whole sequence at once, nothing kept (training: keep is then [B, 1, T, T])
         k_all, v_all = cache.update(cache_pos, k, v) if cache is not None else (k, v)
@@ -137,7 +142,8 @@ class DecoderLayer(nn.Module):
         x = x + at.o_proj(o.transpose(1, 2).reshape(b, t, -1), plans.get("o_proj"))
         h = self.post_attention_layernorm(x)
         m = self.mlp
-        act = self.ops.swiglu(m.gate_proj(h, plans.get("gate_proj")), m.up_proj(h, plans.get("up_proj")))
+        gate, up = self.ops.lora_moe_group(h, (m.gate_proj, m.up_proj), (plans.get("gate_proj"), plans.get("up_proj")))
+        act = self.ops.swiglu(gate, up)
         return x + m.down_proj(act, plans.get("down_proj"))
 
 

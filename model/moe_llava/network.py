@@ -141,6 +141,11 @@ class MoeFFN(nn.Module):
 class DecoderLayer(nn.Module):
     """Phi-2: h = x + Attn(LN(x)) + FFN(LN(x)) (parallel). StableLM-2: h = x + Attn(LN1(x)); h + FFN(LN2(h))."""
 
+    # linears of one input, which a backend may pack as one weight (kernels: linear_group); a dense StableLM layer
+    # has gate/up
+    fused_linear_groups = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                           ("mlp.gate_proj", "mlp.up_proj"))
+
     def __init__(self, cfg: MoeLlavaConfig, ops: KernelRef, moe: bool):
         super().__init__()
         h, hd = cfg.hidden_size, cfg.head_dim
@@ -175,9 +180,10 @@ class DecoderLayer(nn.Module):
     def attention(self, h, cos, sin, cache: KVCache, cache_pos, keep):
         b, t, _ = h.shape
         a, r = self.self_attn, self.rotary_dim
-        q = a.q_proj(h).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = a.k_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = a.v_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.ops.linear_group(h, (a.q_proj, a.k_proj, a.v_proj))
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q_rot, k_rot = self.ops.apply_rotary(q[..., :r], k[..., :r], cos, sin)  # partial rotary
         q = torch.cat([q_rot, q[..., r:]], dim=-1)
         k = torch.cat([k_rot, k[..., r:]], dim=-1)
@@ -192,7 +198,7 @@ class DecoderLayer(nn.Module):
         m = self.mlp
         if self.phi:
             return m.fc2(F.gelu(m.fc1(h), approximate="tanh")), None
-        return m.down_proj(self.ops.swiglu(m.gate_proj(h), m.up_proj(h))), None
+        return m.down_proj(self.ops.swiglu(*self.ops.linear_group(h, (m.gate_proj, m.up_proj)))), None
 
     def forward(self, x, cos, sin, cache, cache_pos, keep, routing="deterministic", generator=None):
         """-> (x [B, T, H], expert_idx [B*T, k] or None for a dense layer)."""
