@@ -81,8 +81,6 @@ def export_onnx(spec, out, dtype: str = "fp32", opset: int = 17, force: bool = F
     export (contract.json with "format": "moevl-onnx"). ``load_options`` go to moevl.load when ``spec`` is loaded
     here.
     """
-    from moevl.ascend.device import dtype_name, parse_dtype
-
     if dtype not in TOLERANCE:
         raise ValueError(f"--dtype must be one of {sorted(TOLERANCE)}, not {dtype!r}")
     if not 14 <= opset <= 18:  # the kit supports 14..18 (tested at 17); ATC accepts up to 18
@@ -100,7 +98,21 @@ def export_onnx(spec, out, dtype: str = "fp32", opset: int = 17, force: bool = F
     if quant.quantized_weights(model):
         raise ExportError("a model with int8/int4 weights cannot be exported: export the unquantised model, then "
                           "run it with --backend ort --quantize int8")
-    quant.restore_dense(model)  # CPU weight layouts (oneDNN-packed) back to plain weights for tracing
+    # CPU weight layouts (oneDNN-packed, OpenBLAS) back to plain weights for tracing; given back to the session when
+    # the export ends, however it ends (the session runs on as fast as before)
+    layouts = dict(getattr(model, "dense_layouts", None) or {})
+    quant.restore_dense(model)
+    try:
+        return _export_traced(session, model, out, dtype, opset, validate, validate_tokens, force, processor_folder,
+                              log)
+    finally:
+        if layouts:
+            quant.apply_dense_layouts(model, layouts)
+
+
+def _export_traced(session, model, out, dtype, opset, validate, validate_tokens, force, processor_folder, log):
+    from moevl.ascend.device import dtype_name, parse_dtype
+
     if dtype_name(next(model.parameters()).dtype) != dtype:
         raise ExportError(f"the session's model is {next(model.parameters()).dtype}, not {parse_dtype(dtype)}")
     builder = builders_of(model.cfg.family).Builder(model)

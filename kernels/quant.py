@@ -845,13 +845,29 @@ def choose_dense_layouts(model: nn.Module, policy: str = "auto") -> dict[str, st
             continue
         layout = policy if policy != "auto" else measure_layout(w)
         chosen[name] = layout
-        if layout == "onednn":
-            _set_weight(model, name, mod, OnednnWeight(w))
-        elif layout == "openblas":
-            _set_weight(model, name, mod, OpenblasWeight(w))
-            ROWVEC_BLAS["lora"] = True
+        _apply_layout(model, name, mod, layout)
     model.dense_layouts = chosen
     return chosen
+
+
+def _apply_layout(model: nn.Module, name: str, mod: nn.Module, layout: str) -> None:
+    if layout == "onednn":
+        _set_weight(model, name, mod, OnednnWeight(mod.weight))
+    elif layout == "openblas":
+        _set_weight(model, name, mod, OpenblasWeight(mod.weight))
+        ROWVEC_BLAS["lora"] = True
+
+
+@torch.no_grad()
+def apply_dense_layouts(model: nn.Module, chosen: dict[str, str]) -> None:
+    """Give the named plain base linears the layouts ``chosen`` (what :func:`choose_dense_layouts` returned) again,
+    e.g. after :func:`restore_dense` for an ONNX export: the same choices, nothing measured."""
+    mods = dict(base_linears(model, include_lm_head=True))
+    for name, layout in chosen.items():
+        mod = mods.get(name)
+        if mod is not None and isinstance(mod.weight, nn.Parameter):
+            _apply_layout(model, name, mod, layout)
+    model.dense_layouts = dict(chosen)
 
 
 @torch.no_grad()

@@ -25,6 +25,21 @@ def test_ours_int8_side_by_side_with_ort_int8(monkeypatch):
     md = ort.render([r], {"cpu": "test CPU", "command": "c", "torch": "t", "onnxruntime": "o", "threads": 1})
     assert "ours int8 (bf16 activations, default kernel)" in md
     assert f"**{r['torch_int8_vs_ort_int8_decode']:.2f}**" in md
+    # fp32 too, where memory allows (tiny: always)
+    assert r["fp32_side_by_side"] and len(r["torch"]["per_repeat"]) == len(r["ort_fp32"]["per_repeat"]) == 3
+    fp32 = [b[1] / a[1] for a, b in zip(r["torch"]["per_repeat"], r["ort_fp32"]["per_repeat"])]
+    assert r["ort_fp32_vs_torch_decode"] == pytest.approx(statistics.median(fp32), abs=1e-3)
+    assert f"**{r['ort_fp32_vs_torch_decode']:.2f}**" in md and "tiny: fp32 side by side, int8 side by side" in md
+
+
+def test_fp32_one_after_the_other_when_memory_is_short(monkeypatch):
+    monkeypatch.setattr(ort, "SIDE_BY_SIDE", ("tiny",))
+    monkeypatch.setattr(ort, "memory_available", lambda: 0)
+    r = ort.run_config("tiny", 16, 3, 1, 1, lambda *a: None)
+    assert not r["fp32_side_by_side"] and "per_repeat" not in r["torch"] and "ort_fp32_vs_torch_decode" not in r
+    assert "torch_int8" in r  # int8 still side by side
+    md = ort.render([r], {"cpu": "c", "command": "c", "torch": "t", "onnxruntime": "o", "threads": 1})
+    assert "tiny: fp32 one after the other" in md
 
 
 def test_other_configurations_time_ort_int8_alone(monkeypatch):

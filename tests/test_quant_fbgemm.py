@@ -203,7 +203,9 @@ def test_fused_groups_change_no_logit_of_a_quantised_model(preset, monkeypatch):
         s = moevl.load(preset, device="cpu", dtype="bf16", quantize="int8")
         rows = [m.weight.fbgemm for m in s.model.modules() if isinstance(getattr(m, "weight", None), quant.Int8Weight)]
         assert any(isinstance(r, fbgemm.Rows) for r in rows) == (fuse == "1")
-        runs[fuse] = [_logits_and_routing(s, p, tokens=4) for p in ("What is in the picture?", "How many shapes?")]
+        # one request (batch-1 plans) and two at once (stacked plans)
+        runs[fuse] = [_logits_and_routing(s, p, tokens=4)
+                      for p in ("What is in the picture?", ["How many shapes?", "Describe the image in detail."])]
     for (l0, r0), (l1, r1) in zip(runs["0"], runs["1"]):
         assert torch.equal(l0, l1) and r0 == r1
 
