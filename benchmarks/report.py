@@ -179,7 +179,8 @@ def read_ort(payload: dict, path: Path) -> Source:
     src = Source("O", path.name, f"benchmarks.ort, config 7b-width: hidden {r.get('hidden')}, {r.get('layers')} "
                  f"decoder layers, random weights, text-only prompt of {r.get('prompt_tokens')} tokens, "
                  f"{r.get('new_tokens')} greedy tokens, medians of {r.get('repeats')} repeats; PyTorch fp32 and ORT "
-                 "fp32 ran one after the other" + ("; ORT int8 in turn with ours int8, repeat by repeat" if "torch_int8"
+                 "fp32 " + ("in turn, repeat by repeat" if r.get("fp32_side_by_side") else "ran one after the other")
+                 + ("; ORT int8 in turn with ours int8, repeat by repeat" if "torch_int8"
                                                    in r else "") if runs else "benchmarks.ort: no 7b-width configuration in this file (tiny only: "
                  "not used)", meta.get("command", "not recorded"), _date(meta, path), meta.get("cpu", "not recorded"),
                  meta.get("cpu_flags"), LATENCY)
