@@ -205,7 +205,8 @@ def render(results: list[dict], meta: dict) -> str:
     lines = [f"# PyTorch eager vs ONNX Runtime (fp32, dynamic int8) on {meta['cpu']}", "",
              f"CPU flags: {', '.join(meta.get('cpu_flags') or []) or 'not recorded'}.  ",
              f"Command: `{meta['command']}`  ", f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, "
-             f"{meta['threads']} threads, batch 1, greedy, medians over repeats ("
+             f"{meta['threads']} threads, OMP_WAIT_POLICY {meta.get('omp_wait_policy', 'not recorded')}, "
+             f"GOMP_SPINCOUNT {meta.get('gomp_spincount', 'not recorded')}, batch 1, greedy, medians over repeats ("
              + ", ".join(f"{r['config']}: {r['repeats']}" for r in results) + ").", "",
              "| config | runtime | TTFT ms | decode ms/token | decode speed-up vs PyTorch | tokens vs reference |",
              "|---|---|---|---|---|---|"]
@@ -301,7 +302,10 @@ def main(argv=None) -> int:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu": cpu_model_name(), "cpu_flags": cpu_flags(), "machine": platform.machine(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "threads": args.threads or torch.get_num_threads(),
-            "command": "python -m moevl.benchmarks.ort " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": "python -m moevl.benchmarks.ort " + " ".join(argv if argv is not None else sys.argv[1:]),
+            # the OpenMP wait settings PyTorch's threads ran under (libgomp reads them when torch is imported)
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP's default)"),
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "(libgomp's default)")}
     for r in results:
         r["command"], r["date"] = meta["command"], meta["date"]
     out = Path(args.out)

@@ -30,6 +30,10 @@ def test_ours_int8_side_by_side_with_ort_int8(monkeypatch):
     fp32 = [b[1] / a[1] for a, b in zip(r["torch"]["per_repeat"], r["ort_fp32"]["per_repeat"])]
     assert r["ort_fp32_vs_torch_decode"] == pytest.approx(statistics.median(fp32), abs=1e-3)
     assert f"**{r['ort_fp32_vs_torch_decode']:.2f}**" in md and "tiny: fp32 side by side, int8 side by side" in md
+    # the OpenMP wait settings the run had are stated (they move the int8 figure: README, "OpenMP's wait policy")
+    md = ort.render([r], {"cpu": "c", "command": "c", "torch": "t", "onnxruntime": "o", "threads": 1,
+                          "omp_wait_policy": "PASSIVE", "gomp_spincount": "300000"})
+    assert "OMP_WAIT_POLICY PASSIVE, GOMP_SPINCOUNT 300000" in md
 
 
 def test_fp32_one_after_the_other_when_memory_is_short(monkeypatch):
