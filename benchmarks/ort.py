@@ -150,7 +150,9 @@ def run_config(name: str, prompt_len: int, tokens: int, repeats: int, threads: i
            "new_tokens": tokens, "repeats": repeats}
     res["load_average_before"] = [round(x, 2) for x in os.getloadavg()]  # other jobs on the machine skew timings
     # fp32 side by side too where memory allows both fp32 copies (ours and ORT's, which may hold a prepacked one)
-    fp32_bytes = sum(p.numel() * p.element_size() for p in session.model.parameters())
+    # (weights in a CPU layout are weight modules, not Parameters: counted by their own nbytes)
+    fp32_bytes = (sum(p.numel() * p.element_size() for p in session.model.parameters())
+                  + sum(m.nbytes() for m in session.model.modules() if isinstance(m, quant.QuantizedWeight)))
     res["fp32_side_by_side"] = name in SIDE_BY_SIDE and memory_available() > FP32_PAIR_MEMORY * fp32_bytes
     if not res["fp32_side_by_side"]:
         res["torch"] = measure(session, batch, tokens, repeats)
@@ -167,6 +169,8 @@ def run_config(name: str, prompt_len: int, tokens: int, repeats: int, threads: i
             gc.collect()
             res["ort_fp32_vs_torch_decode"] = round(statistics.median(
                 a[1] / b[1] for a, b in zip(res["ort_fp32"]["per_repeat"], res["torch"]["per_repeat"])), 3)
+        if name in SIDE_BY_SIDE:  # plain weights first: a state dict of oneDNN-packed ones would copy each in fp32
+            quant.restore_dense(session.model)
         ours8 = quantized_session(session) if name in SIDE_BY_SIDE else None
         del session
         gc.collect()

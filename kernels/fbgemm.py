@@ -128,7 +128,8 @@ class Rows:
         return self.fused.scales[self.start:self.stop]
 
     def stored(self) -> torch.Tensor:
-        return self.fused.stored()[self.start:self.stop]
+        # a copy: a view would keep the whole group's unpacked values alive in each member that stores them
+        return self.fused.stored()[self.start:self.stop].clone()
 
     def linear(self, x2: torch.Tensor, bias):
         y = self.fused.linear(x2, None)[:, self.start:self.stop].contiguous()

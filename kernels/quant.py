@@ -625,8 +625,9 @@ def fuse_int8_groups(model: nn.Module, enable: bool = True) -> int:
             if not already:
                 stored = [w.fbgemm.stored() for w in weights]
                 scales = torch.cat([w.fbgemm.scales for w in weights])
-                for w in weights:  # the separate packed copies go before the shared one is made (peak memory)
-                    w.fbgemm = None
+                for w in weights:  # the separate packed copies go before the shared one is made (peak memory):
+                    w.fbgemm = None  # the bound kernel held them too
+                    w.bind(None, "reference")
                 q = torch.cat(stored)
                 del stored
                 shared = fbgemm.Int8Linear(q, scales)

@@ -214,3 +214,22 @@ def test_a_bad_fuse_groups_setting_is_refused_by_name(monkeypatch):
     monkeypatch.setenv("MOEVL_CPU_FUSE_GROUPS", "yes")
     with pytest.raises(ValueError, match="MOEVL_CPU_FUSE_GROUPS='yes'"):
         moevl.load("awaker-tiny-random", device="cpu", dtype="bf16", quantize="int8")
+
+
+def test_regrouping_frees_the_separate_copies_and_rebinding_keeps_only_each_members_values():
+    import gc
+    import weakref
+
+    g = _Group([(256, 128), (64, 128), (64, 128)], False)
+    members = (g.q, g.k, g.v)
+    for m in members:
+        quant.bind_cpu(m.weight, policy="fbgemm")
+    old = [weakref.ref(m.weight.fbgemm) for m in members]
+    quant.fuse_int8_groups(g)
+    gc.collect()
+    assert all(r() is None for r in old)  # the separate packed weights are gone (the bound kernels held them too)
+    for m in members:  # placed again on another kernel: each member stores its own rows, not a view of the group's
+        quant.bind_cpu(m.weight, policy="aten")
+    for m, rows in zip(members, (256, 64, 64)):
+        q = m.weight.qweight
+        assert q.shape == (rows, 128) and q.untyped_storage().nbytes() == rows * 128
