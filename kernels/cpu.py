@@ -86,23 +86,24 @@ class PackedLoraPlan(NamedTuple):
 PACK_LORA = os.environ.get("MOEVL_CPU_PACK_LORA", "1") != "0"  # checked, and set again, at placement
 
 
-def pack_lora_setting() -> bool:
-    """MOEVL_CPU_PACK_LORA: "1" (or unset) packs, "0" does not; anything else is an error naming the variable."""
-    value = os.environ.get("MOEVL_CPU_PACK_LORA", "1")
+def _switch(name: str, on: str, off: str) -> bool:
+    """An on/off environment setting: "1" (or unset) -> True, "0" -> False; anything else is an error naming the
+    variable and what each value does."""
+    value = os.environ.get(name, "1")
     if value not in ("0", "1"):
-        raise ValueError(f"MOEVL_CPU_PACK_LORA={value!r}: set it to 1 (pack the bf16 LoRA decode stack for oneDNN, "
-                         "the default) or 0 (plain stacks)")
+        raise ValueError(f"{name}={value!r}: set it to 1 ({on}, the default) or 0 ({off})")
     return value == "1"
+
+
+def pack_lora_setting() -> bool:
+    """MOEVL_CPU_PACK_LORA: "1" (or unset) packs, "0" does not."""
+    return _switch("MOEVL_CPU_PACK_LORA", "pack the bf16 LoRA decode stack for oneDNN", "plain stacks")
 
 
 def fuse_groups_setting() -> bool:
     """MOEVL_CPU_FUSE_GROUPS: "1" (or unset) packs the int8 weights of linears on one input (q/k/v, gate/up) as one
-    FBGEMM weight (``quant.fuse_int8_groups``), "0" keeps one per linear; anything else is an error naming it."""
-    value = os.environ.get("MOEVL_CPU_FUSE_GROUPS", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"MOEVL_CPU_FUSE_GROUPS={value!r}: set it to 1 (one int8 product for the linears of one "
-                         "input, the default) or 0 (one per linear)")
-    return value == "1"
+    FBGEMM weight (``quant.fuse_int8_groups``), "0" keeps one per linear."""
+    return _switch("MOEVL_CPU_FUSE_GROUPS", "one int8 product for the linears of one input", "one per linear")
 
 
 PACKED = WeakIdKeyDictionary()  # lora_A parameter -> (key, packed A, packed B): the last stack packed for it
